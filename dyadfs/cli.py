@@ -1,0 +1,257 @@
+"""The ``dyadfs`` command: mount, umount, status, bench.
+
+Exit codes: 0 success; 1 the command could not act (DIR missing, not mounted, busy, the daemon
+failed); 2 a wrong option or setting. Errors are one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from . import config as config_mod
+from .errors import ConfigError, KVSError, UsageError
+
+log = logging.getLogger("dyadfs")
+
+EXIT_FAIL = 1
+EXIT_CONFIG = 2
+READY_TIMEOUT = 60.0
+UMOUNT_TIMEOUT = 60.0
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"dyadfs: error: {message} (see dyadfs {self.prog.split()[-1]} -h)\n")
+        raise SystemExit(EXIT_CONFIG)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="dyadfs", description="DYAD's producer/consumer data movement as a "
+                "FUSE file system.")
+    p.add_argument("--version", action="version", version=f"dyadfs {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    m = sub.add_parser("mount", help="overlay dyadfs on a managed directory")
+    m.add_argument("dir", help="the managed directory")
+    m.add_argument("--role", choices=config_mod.ROLES,
+                   help="producer publishes, consumer waits and pulls, both (default) does both")
+    m.add_argument("--namespace", help="KVS namespace shared by the workflow's mounts "
+                   "(DYAD_KVS_NAMESPACE; default dyadfs)")
+    m.add_argument("--shared-storage", action="store_const", const=True,
+                   help="every mount sees the same backing storage: wait, never copy")
+    m.add_argument("--backing", metavar="PATH",
+                   help="keep the files in PATH instead of DIR itself")
+    m.add_argument("--cache-dir", metavar="PATH", help="put pulled copies in PATH")
+    m.add_argument("--cache-size", metavar="BYTES",
+                   help="bound the pulled copies (LRU; e.g. 512M, 4G)")
+    m.add_argument("--wait-timeout", metavar="SECONDS",
+                   help="fail a waiting open with ETIMEDOUT after this long (default: forever)")
+    m.add_argument("--wait-on-stat", action="store_const", const=True,
+                   help="stat of an unpublished name waits like an open")
+    m.add_argument("--fetch-timeout", metavar="SECONDS",
+                   help="give up a pull from an unreachable owner after this long (default 10)")
+    m.add_argument("--kvs", metavar="local|local:PATH|flux",
+                   help="the KVS (default: flux when FLUX_URI is set, else local)")
+    m.add_argument("--transport", choices=config_mod.TRANSPORTS,
+                   help="how pulled bytes move (default ucx)")
+    m.add_argument("--listen", metavar="HOST", help="address to serve files on")
+    m.add_argument("--verify", action="store_const", const=True,
+                   help="check a SHA-256 of every pulled file")
+    m.add_argument("--async-publish", action="store_const", const=True,
+                   help="let close() return before the publication is committed")
+    m.add_argument("--prefetch", action="store_const", const=True,
+                   help="pull every publication as soon as it appears")
+    m.add_argument("--foreground", action="store_const", const=True,
+                   help="stay in the foreground instead of starting a daemon")
+    m.add_argument("--log", metavar="FILE", help="log to FILE")
+    m.add_argument("--debug", action="store_const", const=True, help="log debug messages")
+
+    u = sub.add_parser("umount", help="flush, unmount and wait for the daemon to exit")
+    u.add_argument("dir")
+
+    s = sub.add_parser("status", help="what a mount (or every mount) is doing")
+    s.add_argument("dir", nargs="?")
+    s.add_argument("--json", action="store_true", help="print JSON")
+
+    b = sub.add_parser("bench", help="measure dyadfs beside its baselines")
+    b.add_argument("--quick", action="store_true")
+    b.add_argument("--json", metavar="FILE")
+    b.add_argument("--frames", type=int)
+    return p
+
+
+_MOUNT_OPTIONS = ("role", "namespace", "shared_storage", "backing", "cache_dir", "cache_size",
+                  "wait_timeout", "wait_on_stat", "fetch_timeout", "kvs", "transport", "listen",
+                  "verify", "async_publish", "prefetch", "foreground", "log", "debug")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "mount":
+            return _mount(args, argv)
+        if args.command == "umount":
+            return _umount(args)
+        if args.command == "status":
+            return _status(args)
+        if args.command == "bench":
+            from .bench import main as bench_main
+            return bench_main(args)
+    except ConfigError as e:
+        sys.stderr.write(f"dyadfs: error: {e}\n")
+        return EXIT_CONFIG
+    except (UsageError, KVSError) as e:
+        sys.stderr.write(f"dyadfs: error: {e}\n")
+        return EXIT_FAIL
+    return EXIT_CONFIG
+
+
+def _setup_logging(cfg: config_mod.Config) -> None:
+    handler: logging.Handler
+    if cfg.log is not None:
+        cfg.log.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(cfg.log)
+    else:
+        handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s.%(msecs)03d %(process)d %(levelname)s %(name)s: %(message)s",
+        "%Y-%m-%d %H:%M:%S"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if cfg.debug else logging.INFO)
+
+
+def _mount(args: argparse.Namespace, argv: list[str]) -> int:
+    from . import mount as mount_mod
+
+    options = {k: getattr(args, k) for k in _MOUNT_OPTIONS}
+    cfg = config_mod.build(args.dir, options)
+    mount_mod.check_mountpoint(cfg)
+    if cfg.foreground:
+        _setup_logging(cfg)
+        try:
+            mount_mod.Mount(cfg).run()
+        except (ConfigError, UsageError, KVSError) as e:
+            log.error("%s", e)
+            sys.stderr.write(f"dyadfs: error: {e}\n")
+            return EXIT_CONFIG if isinstance(e, ConfigError) else EXIT_FAIL
+        return 0
+    return _start_daemon(cfg, argv)
+
+
+def _start_daemon(cfg: config_mod.Config, argv: list[str]) -> int:
+    """Start ``dyadfs mount --foreground`` in a new session; return once the mount is up."""
+    from . import mount as mount_mod
+
+    logfile = cfg.log or cfg.state_dir / "logs" / f"{mount_mod.mount_slug(cfg.mountpoint)}.log"
+    logfile.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    child_argv = [sys.executable, "-m", "dyadfs", *argv, "--foreground"]
+    if cfg.log is None:
+        child_argv += ["--log", str(logfile)]
+    start = logfile.stat().st_size if logfile.exists() else 0
+    with open(logfile, "ab") as out, open(os.devnull, "rb") as devnull:
+        proc = subprocess.Popen(child_argv, stdin=devnull, stdout=out, stderr=out,
+                                start_new_session=True, close_fds=True)
+    info = mount_mod.info_path(cfg)
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.stderr.write(f"dyadfs: error: {_last_error(logfile, start)}\n")
+            return EXIT_FAIL
+        data = mount_mod.read_info(info)
+        if data is not None and data.get("pid") == proc.pid and \
+                mount_mod.fuse_mounted(cfg.mountpoint):
+            print(f"dyadfs: mounted {cfg.mountpoint} (pid {proc.pid}, role {cfg.role}, "
+                  f"namespace {cfg.namespace}, log {logfile})")
+            return 0
+        time.sleep(0.02)
+    proc.terminate()
+    sys.stderr.write(f"dyadfs: error: the daemon did not mount {cfg.mountpoint} within "
+                     f"{READY_TIMEOUT:.0f} s; see {logfile}\n")
+    return EXIT_FAIL
+
+
+def _last_error(logfile: Path, start: int) -> str:
+    try:
+        with open(logfile, "rb") as f:
+            f.seek(start)
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    for line in reversed(lines):
+        if line.startswith("dyadfs: error: "):
+            return line[len("dyadfs: error: "):]
+    tail = [ln for ln in lines if ln.strip()]
+    return (tail[-1] if tail else "the daemon exited") + f" (see {logfile})"
+
+
+def _umount(args: argparse.Namespace) -> int:
+    from . import mount as mount_mod
+
+    cfg = config_mod.build(args.dir, {})
+    info = mount_mod.read_info(mount_mod.info_path(cfg))
+    if not mount_mod.fuse_mounted(cfg.mountpoint):
+        if info is None:
+            raise UsageError(f"{cfg.mountpoint}: not mounted")
+    else:
+        tool = shutil.which("fusermount3") or shutil.which("fusermount")
+        if tool is None:
+            raise UsageError("fusermount3 not found (install fuse3)")
+        r = subprocess.run([tool, "-u", str(cfg.mountpoint)], capture_output=True, text=True)
+        if r.returncode != 0:
+            msg = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "fusermount3 failed"
+            raise UsageError(f"cannot unmount {cfg.mountpoint}: {msg}")
+    if info is not None:
+        pid = int(info["pid"])
+        deadline = time.monotonic() + UMOUNT_TIMEOUT
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.02)
+        else:
+            raise UsageError(f"{cfg.mountpoint} is unmounted but its daemon (pid {pid}) "
+                             f"did not exit within {UMOUNT_TIMEOUT:.0f} s")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from . import mount as mount_mod
+
+    if args.dir:
+        cfg = config_mod.build(args.dir, {})
+        statuses = [mount_mod.query_status(cfg)]
+    else:
+        state_dir = config_mod.default_state_dir()
+        statuses = [mount_mod.query_socket(i["socket"], 5.0)
+                    for i in mount_mod.all_mounts(state_dir)]
+    if args.json:
+        print(json.dumps(statuses[0] if args.dir else statuses, indent=2))
+        return 0
+    if not statuses:
+        print("no dyadfs mounts")
+    for st in statuses:
+        _print_status(st)
+    return 0
+
+
+def _print_status(st: dict[str, Any]) -> None:
+    print(f"{st['dir']}: pid {st['pid']}, role {st['role']}, namespace {st['namespace']}, "
+          f"kvs {st['kvs']}, transport {st['transport'] or '-'}"
+          f"{', shared storage' if st['shared_storage'] else ''}")
+    print(f"  published {st['published']}, waiting {st['waiting']}, pulled {st['pulled']} "
+          f"({st['bytes_pulled']} B), served {st['served']} ({st['bytes_served']} B), "
+          f"timeouts {st['wait_timeouts']}, errors {st['errors']}")

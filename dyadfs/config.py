@@ -1,0 +1,222 @@
+"""Configuration: one frozen dataclass, built in one place.
+
+Precedence, highest first: command-line options, ``DYADFS_*`` environment variables, DYAD's own
+variable names (``DYAD_KVS_NAMESPACE``, ``DYAD_SHARED_STORAGE``, ...), defaults. Nothing else in
+dyadfs reads ``os.environ``: modules that need a setting get it from :class:`Config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+ROLES = ("producer", "consumer", "both")
+TRANSPORTS = ("ucx", "tcp")
+DEFAULT_NAMESPACE = "dyadfs"
+
+
+def default_state_dir(env: Mapping[str, str] | None = None) -> Path:
+    """The per-user directory holding the embedded KVS, mount records and logs."""
+    env = os.environ if env is None else env
+    value = env.get("DYADFS_STATE_DIR")
+    if value:
+        return Path(value)
+    return Path(f"/tmp/dyadfs-{os.getuid()}")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a mount needs to know. Built by :func:`build`; never mutated."""
+
+    mountpoint: Path
+    role: str = "both"
+    namespace: str = DEFAULT_NAMESPACE
+    shared_storage: bool = False
+    backing: Path | None = None
+    cache_dir: Path | None = None
+    cache_size: int | None = None
+    wait_timeout: float | None = None
+    wait_on_stat: bool = False
+    fetch_timeout: float = 10.0
+    kvs: str = "local"
+    transport: str = "ucx"
+    listen: str | None = None
+    verify: bool = False
+    async_publish: bool = False
+    prefetch: bool = False
+    key_depth: int = 3
+    key_bins: int = 1024
+    foreground: bool = False
+    log: Path | None = None
+    debug: bool = False
+    state_dir: Path = dataclasses.field(default_factory=default_state_dir)
+
+    @property
+    def publishes(self) -> bool:
+        return self.role in ("producer", "both")
+
+    @property
+    def waits(self) -> bool:
+        return self.role in ("consumer", "both")
+
+    @property
+    def kvs_path(self) -> Path:
+        if self.kvs.startswith("local:"):
+            return Path(self.kvs[len("local:"):])
+        return self.state_dir / "kvs.sqlite"
+
+
+# name -> (DYADFS variable, DYAD variable or None, kind)
+_FIELDS: dict[str, tuple[str, str | None, str]] = {
+    "role": ("DYADFS_ROLE", None, "role"),
+    "namespace": ("DYADFS_NAMESPACE", "DYAD_KVS_NAMESPACE", "namespace"),
+    "shared_storage": ("DYADFS_SHARED_STORAGE", "DYAD_SHARED_STORAGE", "bool"),
+    "backing": ("DYADFS_BACKING", None, "path"),
+    "cache_dir": ("DYADFS_CACHE_DIR", None, "path"),
+    "cache_size": ("DYADFS_CACHE_SIZE", None, "size"),
+    "wait_timeout": ("DYADFS_WAIT_TIMEOUT", None, "seconds"),
+    "wait_on_stat": ("DYADFS_WAIT_ON_STAT", None, "bool"),
+    "fetch_timeout": ("DYADFS_FETCH_TIMEOUT", None, "seconds"),
+    "kvs": ("DYADFS_KVS", None, "kvs"),
+    "transport": ("DYADFS_TRANSPORT", "DYAD_DTL_MODE", "transport"),
+    "listen": ("DYADFS_LISTEN", None, "str"),
+    "verify": ("DYADFS_VERIFY", None, "bool"),
+    "async_publish": ("DYADFS_ASYNC_PUBLISH", "DYAD_ASYNC_PUBLISH", "bool"),
+    "prefetch": ("DYADFS_PREFETCH", None, "bool"),
+    "key_depth": ("DYADFS_KEY_DEPTH", "DYAD_KEY_DEPTH", "int"),
+    "key_bins": ("DYADFS_KEY_BINS", "DYAD_KEY_BINS", "posint"),
+    "log": ("DYADFS_LOG", None, "path"),
+    "debug": ("DYADFS_DEBUG", None, "bool"),
+}
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_NS = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+
+
+def parse_size(text: str) -> int:
+    """``"64M"``, ``"1GiB"``, ``"4096"`` -> bytes (binary multiples)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"not a size: {text!r} (e.g. 4096, 64M, 2G)")
+    number, unit = float(m.group(1)), m.group(2).lower()
+    return int(number * 1024 ** " kmgt".index(unit or " "))
+
+
+def _convert(name: str, kind: str, raw: Any, source: str) -> Any:
+    """Turn a raw option or environment value into the field's type, or raise ConfigError."""
+    try:
+        if kind == "bool":
+            if isinstance(raw, bool):
+                return raw
+            if source.startswith("DYAD_"):
+                return True  # DYAD: set means on, whatever the value
+            low = str(raw).strip().lower()
+            if low in _TRUE:
+                return True
+            if low in _FALSE:
+                return False
+            raise ValueError(f"expected one of 1/0, true/false, yes/no, on/off, got {raw!r}")
+        if kind == "role":
+            if raw not in ROLES:
+                raise ValueError(f"expected one of {', '.join(ROLES)}, got {raw!r}")
+            return raw
+        if kind == "transport":
+            low = str(raw).lower()
+            if source == "DYAD_DTL_MODE":
+                # DYAD's FLUX_RPC and MARGO have no dyadfs equivalent: plain TCP is the closest.
+                return "ucx" if low == "ucx" else "tcp"
+            if low not in TRANSPORTS:
+                raise ValueError(f"expected one of {', '.join(TRANSPORTS)}, got {raw!r}")
+            return low
+        if kind == "kvs":
+            if raw == "flux" or raw == "local" or (str(raw).startswith("local:") and len(raw) > 6):
+                return raw
+            raise ValueError(f"expected local, local:PATH or flux, got {raw!r}")
+        if kind == "namespace":
+            if not _NS.match(str(raw)):
+                raise ValueError(
+                    f"{raw!r} is not a valid namespace (letters, digits, _ . -; at most 128)"
+                )
+            return str(raw)
+        if kind == "seconds":
+            value = float(raw)
+            if not value > 0:
+                raise ValueError(f"must be a positive number of seconds, got {raw!r}")
+            return value
+        if kind == "size":
+            value = raw if isinstance(raw, int) else parse_size(str(raw))
+            if value <= 0:
+                raise ValueError(f"must be positive, got {raw!r}")
+            return value
+        if kind in ("int", "posint"):
+            value = int(raw)
+            if value < 0 or (kind == "posint" and value == 0):
+                raise ValueError(f"must be a {'positive' if kind == 'posint' else 'non-negative'}"
+                                 f" integer, got {raw!r}")
+            return value
+        if kind == "path":
+            return Path(raw).expanduser()
+        return str(raw)
+    except ValueError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _option_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build(mountpoint: str | os.PathLike[str], options: Mapping[str, Any] | None = None,
+          env: Mapping[str, str] | None = None) -> Config:
+    """Build the configuration of a mount of *mountpoint*.
+
+    *options* holds command-line values (``None`` meaning "not given"); *env* defaults to the
+    process environment.
+    """
+    env = os.environ if env is None else env
+    options = options or {}
+    mp = Path(os.path.abspath(os.fspath(mountpoint)))
+    values: dict[str, Any] = {"mountpoint": mp, "state_dir": default_state_dir(env)}
+    for name, (ours, dyads, kind) in _FIELDS.items():
+        if options.get(name) is not None:
+            values[name] = _convert(name, kind, options[name], _option_name(name))
+        elif ours in env:
+            values[name] = _convert(name, kind, env[ours], ours)
+        elif dyads is not None and dyads in env:
+            values[name] = _convert(name, kind, env[dyads], dyads)
+    if options.get("foreground") is not None:
+        values["foreground"] = bool(options["foreground"])
+    if "role" not in values:
+        values["role"] = _role_from_dyad(mp, env)
+    if "kvs" not in values and env.get("FLUX_URI"):
+        values["kvs"] = "flux"
+    if values.get("backing") is not None:
+        values["backing"] = Path(os.path.abspath(values["backing"]))
+    if values.get("cache_dir") is not None:
+        values["cache_dir"] = Path(os.path.abspath(values["cache_dir"]))
+    cfg = Config(**values)
+    if cfg.shared_storage and cfg.cache_dir is not None:
+        raise ConfigError("--cache-dir makes no sense with --shared-storage (nothing is copied)")
+    return cfg
+
+
+def _role_from_dyad(mp: Path, env: Mapping[str, str]) -> str:
+    """DYAD names the managed directories instead of roles: map them onto ours."""
+    def same(var: str) -> bool:
+        value = env.get(var)
+        return bool(value) and Path(os.path.abspath(value)) == mp  # type: ignore[arg-type]
+
+    producer, consumer = same("DYAD_PATH_PRODUCER"), same("DYAD_PATH_CONSUMER")
+    if producer and not consumer:
+        return "producer"
+    if consumer and not producer:
+        return "consumer"
+    return "both"

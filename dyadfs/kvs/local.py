@@ -1,0 +1,211 @@
+"""The embedded KVS: one SQLite database (WAL mode) per machine, shared by every mount on it.
+
+Why SQLite: it is in the standard library, its WAL mode lets readers run while one writer
+commits, and a transaction gives atomic multi-key commits across processes for free.
+
+Waking waiters without polling: after each commit the writer touches ``<db>.notify``; every
+process watches that file's directory with inotify (``inotify_simple``, a small, well-kept
+binding) and re-checks the keys it waits for when it changes. A waiter wakes within a
+millisecond or two of the commit and an idle one costs no CPU. A slow re-check (every
+``SAFETY_RECHECK`` seconds) covers the one case inotify can lose, a queue overflow.
+
+SQLite calls are blocking, so they run in worker threads, one at a time (one connection).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sqlite3
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import inotify_simple
+import trio
+
+from ..errors import KVSError
+from . import KVS, Predicate, timeout_error
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+SAFETY_RECHECK = 5.0
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS namespaces (ns TEXT PRIMARY KEY, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS kv (
+    ns TEXT NOT NULL, key BLOB NOT NULL, value BLOB NOT NULL,
+    PRIMARY KEY (ns, key)) WITHOUT ROWID;
+INSERT OR IGNORE INTO meta VALUES ('schema', '1');
+"""
+
+
+def _enc(key: str) -> bytes:
+    return key.encode("utf-8", "surrogateescape")
+
+
+def _dec(key: bytes) -> str:
+    return key.decode("utf-8", "surrogateescape")
+
+
+def _prefix_bounds(prefix: bytes) -> tuple[bytes, bytes | None]:
+    """[lo, hi) holding exactly the blobs that start with *prefix*."""
+    p = bytearray(prefix)
+    while p and p[-1] == 0xFF:
+        p.pop()
+    if not p:
+        return prefix, None
+    p[-1] += 1
+    return prefix, bytes(p)
+
+
+class LocalKVS(KVS):
+    name = "local"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(path), timeout=30.0, isolation_level=None,
+                                       check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
+            schema = self._db.execute("SELECT v FROM meta WHERE k='schema'").fetchone()[0]
+        except (OSError, sqlite3.Error) as e:
+            raise KVSError(f"cannot open the embedded KVS at {path}: {e}") from None
+        if schema != "1":
+            raise KVSError(f"the embedded KVS at {path} has schema {schema}; this dyadfs reads 1")
+        self._notify = path.with_name(path.name + ".notify")
+        self._notify.touch(exist_ok=True)
+        self._limiter = trio.CapacityLimiter(1)
+        self._changed = trio.Event()
+        self._inotify: inotify_simple.INotify | None = None
+        self._closed = False
+
+    @classmethod
+    def from_config(cls, config: Config) -> LocalKVS:
+        return cls(config.kvs_path)
+
+    async def _call(self, fn, *args):  # type: ignore[no-untyped-def]
+        def guarded():  # type: ignore[no-untyped-def]
+            try:
+                return fn(*args)
+            except sqlite3.Error as e:
+                raise KVSError(f"embedded KVS {self.path}: {e}") from None
+        return await trio.to_thread.run_sync(guarded, limiter=self._limiter)
+
+    # -- namespaces ------------------------------------------------------------------------
+    async def ensure_namespace(self, ns: str, create: bool = True) -> None:
+        def do() -> bool:
+            if create:
+                self._db.execute("INSERT OR IGNORE INTO namespaces VALUES (?, julianday('now'))",
+                                 (ns,))
+                return True
+            return self._db.execute("SELECT 1 FROM namespaces WHERE ns=?", (ns,)).fetchone() \
+                is not None
+        if not await self._call(do):
+            raise KVSError(f"namespace {ns!r} does not exist in {self.path}")
+
+    async def namespaces(self) -> list[str]:
+        def do() -> list[str]:
+            return [r[0] for r in self._db.execute("SELECT ns FROM namespaces ORDER BY ns")]
+        result: list[str] = await self._call(do)
+        return result
+
+    # -- keys ----------------------------------------------------------------------------
+    def _get(self, ns: str, key: str) -> bytes | None:
+        row = self._db.execute("SELECT value FROM kv WHERE ns=? AND key=?",
+                               (ns, _enc(key))).fetchone()
+        return None if row is None else bytes(row[0])
+
+    async def get(self, ns: str, key: str) -> bytes | None:
+        value: bytes | None = await self._call(self._get, ns, key)
+        return value
+
+    async def commit(self, ns: str, puts: Mapping[str, bytes | None]) -> None:
+        items = [(_enc(k), v) for k, v in puts.items()]
+
+        def do() -> None:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for key, value in items:
+                    if value is None:
+                        db.execute("DELETE FROM kv WHERE ns=? AND key=?", (ns, key))
+                    else:
+                        db.execute("INSERT OR REPLACE INTO kv VALUES (?, ?, ?)", (ns, key, value))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            os.utime(self._notify)
+
+        await self._call(do)
+
+    async def put_if_absent(self, ns: str, key: str, value: bytes) -> bytes:
+        def do() -> bytes:
+            db = self._db
+            cur = db.execute("INSERT OR IGNORE INTO kv VALUES (?, ?, ?)", (ns, _enc(key), value))
+            if cur.rowcount:
+                os.utime(self._notify)
+            stored = self._get(ns, key)
+            assert stored is not None
+            return stored
+        result: bytes = await self._call(do)
+        return result
+
+    async def list_prefix(self, ns: str, prefix: str) -> dict[str, bytes]:
+        lo, hi = _prefix_bounds(_enc(prefix))
+
+        def do() -> dict[str, bytes]:
+            if hi is None:
+                rows = self._db.execute("SELECT key, value FROM kv WHERE ns=? AND key>=?",
+                                        (ns, lo))
+            else:
+                rows = self._db.execute(
+                    "SELECT key, value FROM kv WHERE ns=? AND key>=? AND key<?", (ns, lo, hi))
+            return {_dec(bytes(k)): bytes(v) for k, v in rows}
+
+        result: dict[str, bytes] = await self._call(do)
+        return result
+
+    # -- waiting -------------------------------------------------------------------------
+    async def wait_until(self, ns: str, key: str, pred: Predicate,
+                         timeout: float | None) -> bytes | None:
+        deadline = math.inf if timeout is None else trio.current_time() + timeout
+        with trio.move_on_at(deadline):
+            while True:
+                changed = self._changed  # taken before the read: no change can slip between
+                value = await self.get(ns, key)
+                if pred(value):
+                    return value
+                with trio.move_on_after(SAFETY_RECHECK):
+                    await changed.wait()
+        raise timeout_error(ns, key, timeout)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Watch for commits by any process on this machine; wake this process' waiters."""
+        flags = inotify_simple.flags
+        ino = inotify_simple.INotify()
+        self._inotify = ino
+        try:
+            ino.add_watch(str(self._notify.parent),
+                          flags.ATTRIB | flags.CLOSE_WRITE | flags.MODIFY | flags.CREATE)
+            name = self._notify.name
+            task_status.started()
+            while True:
+                await trio.lowlevel.wait_readable(ino.fileno())
+                events = ino.read(timeout=0)
+                if any(e.name == name or e.mask & flags.Q_OVERFLOW for e in events):
+                    self._changed.set()
+                    self._changed = trio.Event()
+        finally:
+            self._inotify = None
+            ino.close()
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self._call(self._db.close)

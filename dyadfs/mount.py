@@ -1,0 +1,246 @@
+"""A mount's lifecycle: open the managed directory, mount over it, serve, clean up.
+
+Startup and teardown live in one ``AsyncExitStack`` around one nursery (as in s3ql): the KVS
+watcher, the control socket (``dyadfs status``), the file server of the transport and the FUSE
+main loop are its tasks. The mount ends when the kernel unmounts it (``dyadfs umount``) or on
+SIGTERM/SIGINT, which unmount it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import trio
+
+from . import __version__
+from .catalog import Catalog
+from .config import Config
+from .errors import UsageError
+from .fs import Operations, Stats
+from .kvs import KVS, open_kvs
+
+log = logging.getLogger(__name__)
+
+
+def mount_slug(mountpoint: Path) -> str:
+    return hashlib.sha1(os.fsencode(str(mountpoint))).hexdigest()[:16]
+
+
+def info_path(config: Config) -> Path:
+    return config.state_dir / "mounts" / f"{mount_slug(config.mountpoint)}.json"
+
+
+def mount_id_for(config: Config) -> str:
+    """Stable across restarts of the same mount, so that a restarted producer serves what it
+    published before."""
+    digest = hashlib.sha1(f"{socket.gethostname()}:{config.mountpoint}".encode()).hexdigest()
+    return f"{socket.gethostname()}-{digest[:10]}"
+
+
+def fuse_mounted(path: Path) -> bool:
+    """Whether a FUSE file system is mounted at *path* (by /proc/self/mountinfo, which does not
+    touch the mount, so a dead daemon's mount does not hang or fail the check)."""
+    target = os.fsencode(str(path))
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            for line in f:
+                fields = line.split()
+                sep = fields.index(b"-")
+                point = fields[4].replace(b"\\040", b" ").replace(b"\\011", b"\t") \
+                    .replace(b"\\012", b"\n").replace(b"\\134", b"\\")
+                if point == target and fields[sep + 1].startswith(b"fuse"):
+                    return True
+    except OSError:
+        pass
+    return False
+
+
+def check_mountpoint(config: Config) -> None:
+    mp = config.mountpoint
+    if not mp.exists():
+        raise UsageError(f"{mp}: no such directory")
+    if not mp.is_dir():
+        raise UsageError(f"{mp}: not a directory")
+    if fuse_mounted(mp):
+        raise UsageError(f"{mp}: already mounted (dyadfs umount {mp} first)")
+    if config.backing is not None and not config.backing.is_dir():
+        raise UsageError(f"--backing {config.backing}: not a directory")
+    if config.cache_dir is not None and not config.cache_dir.is_dir():
+        raise UsageError(f"--cache-dir {config.cache_dir}: not a directory")
+    if not os.path.exists("/dev/fuse"):
+        raise UsageError("/dev/fuse is missing: FUSE is not available on this machine")
+
+
+class Mount:
+    """One running mount."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.stats = Stats()
+        self.started = time.time()
+        self.mount_id = mount_id_for(config)
+        self.kvs: KVS | None = None
+        self.transport: Any = None
+        self._terminated = False
+
+    def status(self) -> dict[str, Any]:
+        c = self.config
+        s = self.stats
+        return {
+            "version": __version__, "pid": os.getpid(), "dir": str(c.mountpoint),
+            "mount_id": self.mount_id, "role": c.role, "namespace": c.namespace,
+            "kvs": c.kvs, "kvs_path": str(c.kvs_path) if c.kvs != "flux" else None,
+            "shared_storage": c.shared_storage,
+            "backing": str(c.backing or c.mountpoint),
+            "transport": None if self.transport is None else self.transport.name,
+            "address": None if self.transport is None else self.transport.address,
+            "started": self.started,
+            "published": s.published, "waiting": s.waiting, "waits_done": s.waits_done,
+            "wait_timeouts": s.wait_timeouts, "pulled": s.pulled,
+            "bytes_pulled": s.bytes_pulled, "served": s.served,
+            "bytes_served": s.bytes_served, "errors": s.errors,
+            "unexpected_errors": s.unexpected,
+        }
+
+    def run(self) -> None:
+        check_mountpoint(self.config)
+        backing = self.config.backing or self.config.mountpoint
+        root_fd = os.open(backing, os.O_RDONLY | os.O_DIRECTORY)
+        os.umask(0)  # the kernel has applied the caller's umask already
+        try:
+            self.kvs = open_kvs(self.config)
+            trio.run(self._main, root_fd)
+        finally:
+            os.close(root_fd)
+
+    async def _main(self, root_fd: int) -> None:
+        c = self.config
+        assert self.kvs is not None
+        kvs = self.kvs
+        async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(kvs.aclose)
+            await kvs.ensure_namespace(c.namespace, create=True)
+            catalog = Catalog(kvs, c.namespace, self.mount_id, dyad_keys=kvs.name == "flux",
+                              rank=getattr(kvs, "rank", None), key_depth=c.key_depth,
+                              key_bins=c.key_bins)
+            ops = Operations(c, root_fd, catalog, None, self.stats)
+            nursery = await stack.enter_async_context(trio.open_nursery())
+            await nursery.start(kvs.run)
+            ops.attach(nursery)
+            options = {"fsname=dyadfs", "subtype=dyadfs", "default_permissions"}
+            if os.geteuid() == 0:
+                options.add("allow_other")
+            pyfuse3.init(ops, str(c.mountpoint), options)
+            stack.callback(self._close_fuse)
+            control = await nursery.start(_serve_control, self)
+            stack.callback(_unlink, control)
+            nursery.start_soon(self._signals)
+            info = info_path(c)
+            _write_json(info, {"pid": os.getpid(), "dir": str(c.mountpoint),
+                               "socket": str(control), "log": str(c.log) if c.log else None})
+            stack.callback(_unlink, info)
+            log.info("mounted %s (role %s, namespace %s, kvs %s)", c.mountpoint, c.role,
+                     c.namespace, c.kvs)
+            await pyfuse3.main()
+            log.info("unmounted %s", c.mountpoint)
+            nursery.cancel_scope.cancel()
+
+    def _close_fuse(self) -> None:
+        pyfuse3.close(unmount=self._terminated)
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            async for sig in sigs:
+                log.info("signal %d: unmounting", sig)
+                self._terminated = True
+                pyfuse3.terminate()
+                return
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
+async def _serve_control(mount: Mount, *,
+                         task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED) -> None:
+    """Answer ``dyadfs status``: a JSON line for every connection."""
+    path = info_path(mount.config).with_suffix(".sock")
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _unlink(path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with sock:
+        await sock.bind(str(path))
+        sock.listen(16)
+        task_status.started(path)
+        while True:
+            conn, _ = await sock.accept()
+            with conn:
+                with trio.move_on_after(2):
+                    await conn.send((json.dumps(mount.status()) + "\n").encode())
+
+
+def query_status(config: Config, timeout: float = 5.0) -> dict[str, Any]:
+    """The status of the mount of ``config.mountpoint``, from its daemon."""
+    info = read_info(info_path(config))
+    if info is None:
+        raise UsageError(f"{config.mountpoint}: not a running dyadfs mount")
+    return query_socket(info["socket"], timeout)
+
+
+def read_info(path: Path) -> dict[str, Any] | None:
+    try:
+        info: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(int(info["pid"]), 0)
+    except (OSError, KeyError, ValueError):
+        return None  # the daemon is gone
+    return info
+
+
+def query_socket(path: str, timeout: float) -> dict[str, Any]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(path)
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except OSError as e:
+            raise UsageError(f"cannot reach the daemon at {path}: {e.strerror or e}") from None
+    try:
+        result: dict[str, Any] = json.loads(data)
+    except ValueError:
+        raise UsageError(f"the daemon at {path} sent no status") from None
+    return result
+
+
+def all_mounts(state_dir: Path) -> list[dict[str, Any]]:
+    out = []
+    for p in sorted((state_dir / "mounts").glob("*.json")):
+        info = read_info(p)
+        if info is not None:
+            out.append(info)
+    return out
