@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 
 from . import keys
 from .errors import KVSError
@@ -113,13 +114,14 @@ class Catalog:
         if puts:
             await self.kvs.commit(self.ns, puts)
 
-    async def wait_complete(self, rel: bytes, timeout: float | None) -> FileRecord:
-        """Wait until *rel* is published and complete (raises WaitTimeout)."""
+    async def wait_complete(self, rel: bytes, timeout: float | None,
+                            also: Callable[[], bool] | None = None) -> FileRecord:
+        """Wait until *rel* is published and complete, and *also* holds (raises WaitTimeout)."""
         key = _key_of(rel)
 
         def ready(raw: bytes | None) -> bool:
             rec = self._decode(raw, key)
-            return rec is not None and rec.complete
+            return rec is not None and rec.complete and (also is None or also())
 
         raw = await self.kvs.wait_until(self.ns, key, ready, timeout)
         rec = self._decode(raw, key)

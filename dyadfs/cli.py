@@ -84,6 +84,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("dir", nargs="?")
     s.add_argument("--json", action="store_true", help="print JSON")
 
+    n = sub.add_parser("namespace", help="list, create or remove KVS namespaces")
+    n.add_argument("action", choices=("list", "create", "remove"))
+    n.add_argument("name", nargs="?")
+    n.add_argument("--kvs", metavar="local|local:PATH|flux")
+
     b = sub.add_parser("bench", help="measure dyadfs beside its baselines")
     b.add_argument("--quick", action="store_true")
     b.add_argument("--json", metavar="FILE")
@@ -106,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _umount(args)
         if args.command == "status":
             return _status(args)
+        if args.command == "namespace":
+            return _namespace(args)
         if args.command == "bench":
             from .bench import main as bench_main
             return bench_main(args)
@@ -245,6 +252,32 @@ def _status(args: argparse.Namespace) -> int:
         print("no dyadfs mounts")
     for st in statuses:
         _print_status(st)
+    return 0
+
+
+def _namespace(args: argparse.Namespace) -> int:
+    import trio
+
+    from .kvs import open_kvs
+
+    if args.action != "list" and not args.name:
+        raise ConfigError(f"dyadfs namespace {args.action}: name the namespace")
+    cfg = config_mod.build(".", {"kvs": args.kvs, "namespace": args.name})
+
+    async def run() -> None:
+        kvs = open_kvs(cfg)
+        try:
+            if args.action == "list":
+                for ns in await kvs.namespaces():
+                    print(ns)
+            elif args.action == "create":
+                await kvs.ensure_namespace(cfg.namespace, create=True)
+            else:
+                await kvs.remove_namespace(cfg.namespace)
+        finally:
+            await kvs.aclose()
+
+    trio.run(run)
     return 0
 
 

@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 ROOT = pyfuse3.ROOT_INODE
 #: attribute/entry timeout of names whose content only changes through this mount
 STABLE_TIMEOUT = 1.0
+#: how often a waiting open checks that its caller still wants the answer (seconds)
+CALLER_CHECK = 0.25
 _WRITE_MODES = (os.O_WRONLY, os.O_RDWR)
 _OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT
 
@@ -83,8 +85,9 @@ class Node:
 class Handle:
     fd: int
     node: Node
-    writable: bool
-    written: bool = False
+    publishes: bool  # its close publishes (a producer's handle open for writing)
+    written: bool = False  # data changed since the last publication: flush publishes
+    pending: bool = False  # created or truncated, not written since: release publishes
 
 
 @dataclass(eq=False)
@@ -199,6 +202,13 @@ class Operations(pyfuse3.Operations):
     def _lstat(self, rel: bytes) -> os.stat_result:
         return os.lstat(rel, dir_fd=self.root_fd)
 
+    def _exists(self, rel: bytes) -> bool:
+        try:
+            self._lstat(rel)
+        except OSError:
+            return False
+        return True
+
     def _entry(self, node: Node, st: os.stat_result,
                timeout: float | None = None) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
@@ -288,7 +298,7 @@ class Operations(pyfuse3.Operations):
                         "ENOENT instead of letting an open wait", ctx.pid)
         if call.intent is intent.Intent.READ:
             where = intent.role_of(name, rel, call.path)
-            kind = "dir" if where == "dir" or call.flags & os.O_DIRECTORY else "file"
+            kind = "dir" if where == "dir" else "file"
             node = self._child(parent, name)
             node.provisional = kind
             return self._synthetic(node, kind, None)
@@ -367,6 +377,12 @@ class Operations(pyfuse3.Operations):
             else:
                 os.utime(rel, ns=ns, dir_fd=self.root_fd, follow_symlinks=False)
         del at
+        if (fields.update_mode or fields.update_mtime) and not fields.update_size and \
+                self.cfg.publishes and self.catalog is not None and \
+                not (handle is not None and handle.written):
+            # Published attributes follow a chmod or touch of a published file.
+            if rel in await self.catalog.owned_under(rel):
+                await self.catalog.publish(rel, self._lstat(rel))
         return await self._getattr(node)
 
     # -- names ---------------------------------------------------------------------------
@@ -462,10 +478,10 @@ class Operations(pyfuse3.Operations):
             await self.catalog.move(old, new, replaced is not None)
 
     # -- files ---------------------------------------------------------------------------
-    def _new_handle(self, fd: int, node: Node, writable: bool) -> int:
+    def _new_handle(self, fd: int, node: Node, publishes: bool) -> int:
         fh = self._next_fh
         self._next_fh += 1
-        self._handles[fh] = Handle(fd, node, writable)
+        self._handles[fh] = Handle(fd, node, publishes)
         node.handles.add(fh)
         return fh
 
@@ -483,7 +499,7 @@ class Operations(pyfuse3.Operations):
                                                           pyfuse3.EntryAttributes]:
         parent = self._node(parent_inode)
         rel = _join(self._rel(parent), name)
-        await self._before_write(rel, mode)
+        publish = await self._before_write(rel, mode)
         fd = os.open(rel, (flags & ~(os.O_NOCTTY | os.O_DIRECT)) | os.O_CREAT | os.O_NOFOLLOW,
                      mode, dir_fd=self.root_fd)
         try:
@@ -493,8 +509,10 @@ class Operations(pyfuse3.Operations):
             os.close(fd)
             raise
         node = self._nodes[entry.st_ino]
-        fh = self._new_handle(fd, node, writable=True)
-        self._handles[fh].written = True  # a new file is published even if left empty
+        fh = self._new_handle(fd, node, publishes=publish)
+        # A new file is published even if left empty, but at release, not at the first flush:
+        # a shell's "> f" closes a dup of the descriptor before writing anything.
+        self._handles[fh].pending = True
         return pyfuse3.FileInfo(fh=fh), entry
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
@@ -509,9 +527,9 @@ class Operations(pyfuse3.Operations):
                 await self._make_readable(node, rel, ctx.pid)
         fd = os.open(rel, (flags & ~_OPEN_STRIP) | os.O_NOFOLLOW, dir_fd=self.root_fd)
         node.provisional = None
-        fh = self._new_handle(fd, node, writable=writable and publish)
+        fh = self._new_handle(fd, node, publishes=writable and publish)
         if flags & os.O_TRUNC and publish:
-            self._handles[fh].written = True
+            self._handles[fh].pending = True
         return pyfuse3.FileInfo(fh=fh)
 
     async def _make_readable(self, node: Node, rel: bytes, pid: int) -> None:
@@ -531,7 +549,10 @@ class Operations(pyfuse3.Operations):
                 await self._until_caller_dies(
                     pid, self.catalog.wait_not_writing(rel, self.cfg.wait_timeout), rel)
                 return
-            await self._wait_published(rel, pid)
+            # Not there: wait for a publication whose file is there too (the backing is the
+            # truth; a record without its file is stale, from an earlier run).
+            await self._until_caller_dies(pid, self.catalog.wait_complete(
+                rel, self.cfg.wait_timeout, also=lambda: self._exists(rel)), rel)
             return
         rec = await self.catalog.get(rel)
         if rec is not None and (rec.owner == self.catalog.mount_id or not rec.complete):
@@ -557,10 +578,15 @@ class Operations(pyfuse3.Operations):
 
     async def _until_caller_dies(self, pid: int, wait: Awaitable[FileRecord | None],
                                  rel: bytes) -> FileRecord | None:
-        """Run *wait*, dropped if the process that asked dies first (a killed consumer)."""
+        """Run *wait*, dropped if the process that asked is killed or interrupted first.
+
+        Once the daemon has read a request, the kernel keeps even a SIGKILLed caller in the
+        syscall until the answer comes (and pyfuse3 does not pass on FUSE_INTERRUPT), so the
+        caller's pending signals are watched: a deliverable one ends the wait with EINTR, after
+        which the signal takes effect (a killed ``cat`` dies, Python raises KeyboardInterrupt).
+        """
         result: list[FileRecord | None] = []
         failure: list[Exception] = []
-        pidfd = _pidfd(pid)
         self.stats.waiting += 1
         try:
             async with trio.open_nursery() as nursery:
@@ -572,18 +598,14 @@ class Operations(pyfuse3.Operations):
                     nursery.cancel_scope.cancel()
 
                 async def watch() -> None:
-                    assert pidfd is not None
-                    await trio.lowlevel.wait_readable(pidfd)
+                    while _caller_alive(pid):
+                        await trio.sleep(CALLER_CHECK)
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(waiter)
-                if pidfd is not None:
-                    nursery.start_soon(watch)
+                nursery.start_soon(watch)
         finally:
             self.stats.waiting -= 1
-            if pidfd is not None:
-                trio.lowlevel.notify_closing(pidfd)
-                os.close(pidfd)
         if failure:
             if isinstance(failure[0], WaitTimeout):
                 self.stats.wait_timeouts += 1
@@ -591,7 +613,8 @@ class Operations(pyfuse3.Operations):
                             os.fsdecode(rel), self.cfg.wait_timeout)
             raise failure[0]
         if not result:
-            log.info("open of %s: the waiting process is gone; wait dropped", os.fsdecode(rel))
+            log.info("open of %s: the waiting process was signalled or is gone; wait dropped",
+                     os.fsdecode(rel))
             raise FUSEError(errno.EINTR)
         self.stats.waits_done += 1
         return result[0]
@@ -608,16 +631,16 @@ class Operations(pyfuse3.Operations):
         # flush comes with every close() and close() waits for it (release does not): publish
         # here, so that the publication is committed before the producer's close() returns.
         handle = self._handles[fh]
-        if handle.written and handle.writable:
-            handle.written = False
+        if handle.written and handle.publishes:
+            handle.written = handle.pending = False
             await self._publish_handle(handle)
 
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh)
         handle.node.handles.discard(fh)
         try:
-            if handle.written and handle.writable:
-                handle.written = False
+            if (handle.written or handle.pending) and handle.publishes:
+                handle.written = handle.pending = False
                 await self._publish_handle(handle)
         finally:
             os.close(handle.fd)
@@ -747,16 +770,17 @@ class Operations(pyfuse3.Operations):
         os.removexattr(self._xattr_path(self._node(inode)), name, follow_symlinks=False)
 
 
-def _pidfd(tid: int) -> int | None:
-    """A pidfd of the process that thread *tid* belongs to, or None."""
+def _caller_alive(tid: int) -> bool:
+    """False once thread *tid* is gone or has a signal pending that it will take."""
     try:
         with open(f"/proc/{tid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Tgid:"):
-                    return os.pidfd_open(int(line.split()[1]))
-    except (OSError, ValueError):
-        pass
-    return None
+            fields = dict(line.split(b":", 1) for line in f if b":" in line)
+        pending = int(fields[b"SigPnd"], 16) | int(fields[b"ShdPnd"], 16)
+        blocked = int(fields[b"SigBlk"], 16) | int(fields[b"SigIgn"], 16)
+        state = fields[b"State"].split()[0]
+    except (OSError, KeyError, ValueError):
+        return False
+    return state not in (b"Z", b"X") and not pending & ~blocked
 
 
 _libc: Any = None

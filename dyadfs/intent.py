@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 O_CREAT = os.O_CREAT
 O_DIRECTORY = os.O_DIRECTORY
+O_PATH = os.O_PATH
 
 
 class Intent(enum.Enum):
@@ -115,6 +116,10 @@ def caller(tid: int) -> Call:
         flags = int.from_bytes(raw, "little")
     if intent is Intent.READ and flags & O_CREAT:
         intent = Intent.CREATE
+    elif intent is Intent.READ and flags & (O_PATH | O_DIRECTORY):
+        # Probes, not reads: cp opens its destination O_PATH|O_DIRECTORY to ask "is it a
+        # directory?", and must hear ENOENT at once.
+        intent = Intent.STAT
     return Call(intent, path, flags)
 
 

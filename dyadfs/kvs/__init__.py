@@ -41,6 +41,14 @@ class KVS(abc.ABC):
         """Make sure *ns* exists; create it when missing and *create*, else raise KVSError."""
 
     @abc.abstractmethod
+    async def remove_namespace(self, ns: str) -> None:
+        """Remove *ns* and everything in it (a workflow's clean start); missing is fine."""
+
+    @abc.abstractmethod
+    async def namespaces(self) -> list[str]:
+        """The namespaces this KVS holds."""
+
+    @abc.abstractmethod
     async def get(self, ns: str, key: str) -> bytes | None:
         """The value of *key*, or None."""
 

@@ -63,8 +63,8 @@ def _prefix_bounds(prefix: bytes) -> tuple[bytes, bytes | None]:
 class LocalKVS(KVS):
     name = "local"
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = path = Path(path)
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._db = sqlite3.connect(str(path), timeout=30.0, isolation_level=None,
@@ -107,6 +107,19 @@ class LocalKVS(KVS):
                 is not None
         if not await self._call(do):
             raise KVSError(f"namespace {ns!r} does not exist in {self.path}")
+
+    async def remove_namespace(self, ns: str) -> None:
+        def do() -> None:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("DELETE FROM kv WHERE ns=?", (ns,))
+                self._db.execute("DELETE FROM namespaces WHERE ns=?", (ns,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            os.utime(self._notify)
+        await self._call(do)
 
     async def namespaces(self) -> list[str]:
         def do() -> list[str]:

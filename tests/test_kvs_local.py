@@ -1,0 +1,147 @@
+"""The embedded KVS: namespaces, atomic commits, listing, waiting lookups across processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import trio
+
+from dyadfs.errors import KVSError, WaitTimeout
+from dyadfs.kvs.local import LocalKVS
+
+
+def run_with(path: Path, fn):  # type: ignore[no-untyped-def]
+    async def main():  # type: ignore[no-untyped-def]
+        kvs = LocalKVS(path)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(kvs.run)
+                result = await fn(kvs)
+                nursery.cancel_scope.cancel()
+            return result
+        finally:
+            await kvs.aclose()
+    return trio.run(main)
+
+
+def test_commit_get_list_remove(tmp_path: Path) -> None:
+    async def body(kvs: LocalKVS) -> None:
+        await kvs.ensure_namespace("a")
+        await kvs.commit("a", {"files/x": b"1", "files/d/y": b"2", "files/d/z": b"3"})
+        assert await kvs.get("a", "files/x") == b"1"
+        assert await kvs.get("b", "files/x") is None  # namespaces are separate
+        assert await kvs.list_prefix("a", "files/d/") == {"files/d/y": b"2", "files/d/z": b"3"}
+        assert await kvs.list_dir("a", "files/") == {"x", "d"}
+        await kvs.commit("a", {"files/x": None, "files/d/y": b"22"})
+        assert await kvs.get("a", "files/x") is None
+        assert await kvs.get("a", "files/d/y") == b"22"
+        assert await kvs.put_if_absent("a", "k", b"first") == b"first"
+        assert await kvs.put_if_absent("a", "k", b"second") == b"first"
+        await kvs.remove_namespace("a")
+        assert await kvs.get("a", "files/d/y") is None
+        with pytest.raises(KVSError, match="does not exist"):
+            await kvs.ensure_namespace("a", create=False)
+    run_with(tmp_path / "kvs.sqlite", body)
+
+
+def test_any_bytes_in_keys(tmp_path: Path) -> None:
+    name = (b"files/\xff\xfe odd\nname").decode("utf-8", "surrogateescape")
+
+    async def body(kvs: LocalKVS) -> None:
+        await kvs.commit("a", {name: b"v", "files/\xff": b"w"})
+        assert await kvs.get("a", name) == b"v"
+        assert set(await kvs.list_prefix("a", "files/")) == {name, "files/\xff"}
+    run_with(tmp_path / "kvs.sqlite", body)
+
+
+def test_failed_commit_changes_nothing(tmp_path: Path) -> None:
+    async def body(kvs: LocalKVS) -> None:
+        await kvs.commit("a", {"k1": b"old"})
+        with pytest.raises(Exception):
+            await kvs.commit("a", {"k1": b"new", "k2": object()})  # type: ignore[dict-item]
+        assert await kvs.get("a", "k1") == b"old"
+        assert await kvs.get("a", "k2") is None
+    run_with(tmp_path / "kvs.sqlite", body)
+
+
+def test_wait_times_out_and_is_cancellable(tmp_path: Path) -> None:
+    async def body(kvs: LocalKVS) -> None:
+        with pytest.raises(WaitTimeout):
+            await kvs.wait("a", "never", timeout=0.2)
+        with trio.move_on_after(0.2) as scope:
+            await kvs.wait("a", "never", timeout=None)
+        assert scope.cancelled_caught
+    run_with(tmp_path / "kvs.sqlite", body)
+
+
+def test_waiter_wakes_on_commit_by_another_process(tmp_path: Path) -> None:
+    db = tmp_path / "kvs.sqlite"
+    script = textwrap.dedent(f"""
+        import trio
+        from dyadfs.kvs.local import LocalKVS
+        async def main():
+            kvs = LocalKVS({str(db)!r})
+            await kvs.commit("a", {{"files/late": b"here"}})
+            await kvs.aclose()
+        trio.run(main)
+    """)
+
+    async def body(kvs: LocalKVS) -> bytes:
+        async with trio.open_nursery() as nursery:
+            got: list[bytes] = []
+
+            async def waiter() -> None:
+                got.append(await kvs.wait("a", "files/late", timeout=30))
+            nursery.start_soon(waiter)
+            await trio.sleep(0.1)  # let the waiter block first (not a synchronisation)
+            await trio.to_thread.run_sync(
+                lambda: subprocess.run([sys.executable, "-c", script], check=True, timeout=60))
+        return got[0]
+
+    assert run_with(db, body) == b"here"
+
+
+def test_wait_until_predicate_sees_changes(tmp_path: Path) -> None:
+    async def body(kvs: LocalKVS) -> bytes | None:
+        await kvs.commit("a", {"k": b"writing"})
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kvs.commit, "a", {"k": b"complete"})
+            value = await kvs.wait_until("a", "k", lambda v: v == b"complete", timeout=10)
+        return value
+    assert run_with(tmp_path / "kvs.sqlite", body) == b"complete"
+
+
+def test_an_idle_waiter_costs_no_cpu(tmp_path: Path) -> None:
+    script = textwrap.dedent(f"""
+        import resource, trio
+        from dyadfs.kvs.local import LocalKVS
+        from dyadfs.errors import WaitTimeout
+        async def main():
+            kvs = LocalKVS({str(tmp_path / 'kvs.sqlite')!r})
+            async with trio.open_nursery() as n:
+                await n.start(kvs.run)
+                before = resource.getrusage(resource.RUSAGE_SELF)
+                try:
+                    await kvs.wait("a", "never", timeout=2.0)
+                except WaitTimeout:
+                    pass
+                after = resource.getrusage(resource.RUSAGE_SELF)
+                n.cancel_scope.cancel()
+            print((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime))
+        trio.run(main)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    cpu = float(out)
+    assert cpu < 0.02, f"an idle waiter used {cpu:.3f} s of CPU in 2 s"
+
+
+def test_malformed_database_is_a_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "kvs.sqlite"
+    bad.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(KVSError, match="cannot open the embedded KVS"):
+        LocalKVS(bad)
