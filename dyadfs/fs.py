@@ -46,15 +46,22 @@ STABLE_TIMEOUT = 1.0
 #: how often a waiting open checks that its caller still wants the answer (seconds)
 CALLER_CHECK = 0.25
 _WRITE_MODES = (os.O_WRONLY, os.O_RDWR)
+HIDDEN = b".dyadfs"
 _OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT
 
 
 class Puller(Protocol):
-    """Brings a published file into this node's storage (the transport side, see pull.py)."""
+    """Brings a published file into this node's storage (see pull.py)."""
 
     async def ensure(self, rel: bytes, rec: FileRecord) -> None: ...
 
+    async def start(self, rel: bytes, rec: FileRecord) -> Any: ...
+
     def local_version(self, rel: bytes) -> int | None: ...
+
+    def touch(self, rel: bytes) -> None: ...
+
+    def forget(self, rel: bytes) -> None: ...
 
 
 @dataclass
@@ -86,6 +93,7 @@ class Handle:
     fd: int
     node: Node
     publishes: bool  # its close publishes (a producer's handle open for writing)
+    pull: Any = None  # the Pull this handle reads from while it is under way
     written: bool = False  # data changed since the last publication: flush publishes
     pending: bool = False  # created or truncated, not written since: release publishes
 
@@ -166,6 +174,10 @@ class Operations(pyfuse3.Operations):
     def attach(self, nursery: trio.Nursery) -> None:
         """Where background work (asynchronous publishing) runs."""
         self._nursery = nursery
+
+    def is_open(self, rel: bytes) -> bool:
+        """Whether a handle is open on *rel* (pulled copies in use are never evicted)."""
+        return any(self._rel(h.node) == rel for h in self._handles.values())
 
     # -- inodes and paths ----------------------------------------------------------------
     def _node(self, ino: int) -> Node:
@@ -265,6 +277,8 @@ class Operations(pyfuse3.Operations):
         parent = self._node(parent_inode)
         if name == b"." or name == b"..":
             raise FUSEError(errno.ENOENT)  # supports_dot_lookup is off: never asked
+        if parent_inode == ROOT and name == HIDDEN:
+            raise FUSEError(errno.ENOENT)  # dyadfs' own state (pulls under way)
         rel = _join(self._rel(parent), name)
         entry = await self._lookup(parent, name, rel, ctx)
         self._nodes[entry.st_ino].lookups += 1
@@ -438,6 +452,8 @@ class Operations(pyfuse3.Operations):
         rel = _join(self._rel(parent), name)
         os.unlink(rel, dir_fd=self.root_fd)
         self._drop_name(parent.ino, name)
+        if self.puller is not None:
+            self.puller.forget(rel)
         if self.catalog is not None and self.cfg.publishes:
             if await self.catalog.owned_under(rel):
                 await self.catalog.remove(rel)
@@ -461,6 +477,9 @@ class Operations(pyfuse3.Operations):
         else:
             os.rename(old, new, src_dir_fd=self.root_fd, dst_dir_fd=self.root_fd)
         exchange = bool(flags & pyfuse3.RENAME_EXCHANGE)
+        if self.puller is not None:
+            self.puller.forget(old)
+            self.puller.forget(new)
         ino_old = self._names.pop((p_old.ino, name_old), None)
         ino_new = self._names.pop((p_new.ino, name_new), None)
         if ino_old is not None:
@@ -524,7 +543,15 @@ class Operations(pyfuse3.Operations):
         else:
             publish = False
             if self.cfg.waits and self.catalog is not None:
-                await self._make_readable(node, rel, ctx.pid)
+                pull = await self._make_readable(node, rel, ctx.pid)
+                if pull is not None and not pull.done:
+                    # Stream: read the file being pulled; reads wait for their bytes.
+                    fd = os.dup(pull.fd)
+                    fh = self._new_handle(fd, node, publishes=False)
+                    self._handles[fh].pull = pull
+                    return pyfuse3.FileInfo(fh=fh)
+        if publish and self.puller is not None:
+            self.puller.forget(rel)  # written here: no longer a pulled copy
         fd = os.open(rel, (flags & ~_OPEN_STRIP) | os.O_NOFOLLOW, dir_fd=self.root_fd)
         node.provisional = None
         fh = self._new_handle(fd, node, publishes=writable and publish)
@@ -532,7 +559,7 @@ class Operations(pyfuse3.Operations):
             self._handles[fh].pending = True
         return pyfuse3.FileInfo(fh=fh)
 
-    async def _make_readable(self, node: Node, rel: bytes, pid: int) -> None:
+    async def _make_readable(self, node: Node, rel: bytes, pid: int) -> Any:
         """Consumer side of an open for reading: wait, refresh or pull as the table says."""
         assert self.catalog is not None
         try:
@@ -540,34 +567,39 @@ class Operations(pyfuse3.Operations):
         except (FileNotFoundError, NotADirectoryError):
             st = None
         if st is not None and not stat_mod.S_ISREG(st.st_mode):
-            return
+            return None
         if self.cfg.shared_storage:
             rec = await self.catalog.get(rel)
             if st is not None and (rec is None or rec.complete):
-                return  # present, and nobody is writing it
+                return None  # present, and nobody is writing it
             if rec is not None and not rec.complete:
                 await self._until_caller_dies(
                     pid, self.catalog.wait_not_writing(rel, self.cfg.wait_timeout), rel)
-                return
+                return None
             # Not there: wait for a publication whose file is there too (the backing is the
             # truth; a record without its file is stale, from an earlier run).
             await self._until_caller_dies(pid, self.catalog.wait_complete(
                 rel, self.cfg.wait_timeout, also=lambda: self._exists(rel)), rel)
-            return
+            return None
         rec = await self.catalog.get(rel)
         if rec is not None and (rec.owner == self.catalog.mount_id or not rec.complete):
-            return  # ours: the local file is the truth
+            return None  # ours: the local file is the truth
         if st is not None and (rec is None or (
                 self.puller is not None and self.puller.local_version(rel) == rec.version)):
-            return  # present and current
+            if self.puller is not None:
+                self.puller.touch(rel)
+            return None  # present and current
         if rec is None:
             rec = await self._wait_published(rel, pid)
             if rec.owner == self.catalog.mount_id:
-                return
+                return None
         if self.puller is None:
             raise DyadfsError(f"{os.fsdecode(rel)} is published by another mount and this mount "
                               "has no transport to pull it", errno.EIO)
-        await self.puller.ensure(rel, rec)
+        if self.cfg.verify:
+            await self.puller.ensure(rel, rec)  # verified before anyone reads a byte
+            return None
+        return await self.puller.start(rel, rec)
 
     async def _wait_published(self, rel: bytes, pid: int) -> FileRecord:
         assert self.catalog is not None
@@ -620,7 +652,14 @@ class Operations(pyfuse3.Operations):
         return result[0]
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return os.pread(self._handles[fh].fd, size, off)
+        handle = self._handles[fh]
+        pull = handle.pull
+        if pull is not None:
+            if pull.done and pull.error is None:
+                handle.pull = None
+            else:
+                await pull.wait_for(min(off + size, pull.size or 0))
+        return os.pread(handle.fd, size, off)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self._handles[fh]
@@ -688,6 +727,8 @@ class Operations(pyfuse3.Operations):
         else:
             try:
                 names = [os.fsencode(n) for n in os.listdir(fd)]
+                if node.ino == ROOT and HIDDEN in names:
+                    names.remove(HIDDEN)
             finally:
                 os.close(fd)
             for name in names:

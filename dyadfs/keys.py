@@ -11,7 +11,7 @@ file system's bytes decoded with ``surrogateescape`` (so any name round-trips):
 ``mounts/<mount id>``  the node registry, JSON::
 
     {"schema": 1, "host": str, "pid": int, "dir": str, "transport": str,
-     "address": str | null, "started": float, "rank": int | null}
+     "address": str | null, "started": float, "rank": int | null, "tcp": str | null}
 
 ``meta/secret``  the namespace's secret for fetch requests (hex), created with the namespace.
 
@@ -110,6 +110,7 @@ class MountRecord:
     address: str | None
     started: float
     rank: int | None = None
+    tcp: str | None = None  # every mount also serves plain TCP here
 
     def encode(self) -> bytes:
         return json.dumps({"schema": SCHEMA, **asdict(self)}, separators=(",", ":")).encode()
@@ -122,7 +123,8 @@ class MountRecord:
                        transport=str(data["transport"]),
                        address=None if data.get("address") is None else str(data["address"]),
                        started=float(data["started"]),
-                       rank=None if data.get("rank") is None else int(data["rank"]))
+                       rank=None if data.get("rank") is None else int(data["rank"]),
+                       tcp=None if data.get("tcp") is None else str(data["tcp"]))
         except (KeyError, TypeError, ValueError) as e:
             raise KVSError(f"malformed mount record at {where!r}: {e!r}") from None
 

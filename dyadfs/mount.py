@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import time
@@ -22,12 +23,17 @@ from typing import Any
 import pyfuse3
 import trio
 
-from . import __version__
+from . import __version__, keys
 from .catalog import Catalog
 from .config import Config
 from .errors import UsageError
 from .fs import Operations, Stats
+from .keys import MountRecord
 from .kvs import KVS, open_kvs
+from .pull import FileServer, Puller
+from .transport import Transport, default_host
+from .transport import load as load_transport
+from .transport.tcp import TCPTransport
 
 log = logging.getLogger(__name__)
 
@@ -133,10 +139,15 @@ class Mount:
             catalog = Catalog(kvs, c.namespace, self.mount_id, dyad_keys=kvs.name == "flux",
                               rank=getattr(kvs, "rank", None), key_depth=c.key_depth,
                               key_bins=c.key_bins)
-            ops = Operations(c, root_fd, catalog, None, self.stats)
             nursery = await stack.enter_async_context(trio.open_nursery())
             await nursery.start(kvs.run)
+            puller = None
+            if not c.shared_storage:
+                puller = await self._start_transport(stack, nursery, root_fd, catalog)
+            ops = Operations(c, root_fd, catalog, puller, self.stats)
             ops.attach(nursery)
+            if puller is not None:
+                puller.is_open = ops.is_open
             options = {"fsname=dyadfs", "subtype=dyadfs", "default_permissions"}
             if os.geteuid() == 0:
                 options.add("allow_other")
@@ -154,6 +165,44 @@ class Mount:
             await pyfuse3.main()
             log.info("unmounted %s", c.mountpoint)
             nursery.cancel_scope.cancel()
+
+    async def _start_transport(self, stack: contextlib.AsyncExitStack, nursery: trio.Nursery,
+                               root_fd: int, catalog: Catalog) -> Puller:
+        """Serve what this mount owns (plain TCP always, plus UCX), register it, and return
+        the puller that fetches what others own."""
+        c = self.config
+        assert self.kvs is not None
+        kvs = self.kvs
+        secret = (await kvs.put_if_absent(c.namespace, keys.SECRET,
+                                          secrets.token_hex(16).encode())).decode()
+        host = c.listen or default_host()
+        server = FileServer(root_fd, catalog, secret, self.stats)
+        tcp = TCPTransport()
+        stack.push_async_callback(tcp.aclose)
+        await tcp.start(nursery, server.handle, host)
+        transport: Transport = tcp
+        if c.transport != "tcp":
+            transport = load_transport(c.transport)()
+            stack.push_async_callback(transport.aclose)
+            await transport.start(nursery, server.handle, host)
+        self.transport = transport
+        record = MountRecord(host=socket.gethostname(), pid=os.getpid(),
+                             dir=str(c.mountpoint), transport=transport.name,
+                             address=transport.address, started=self.started,
+                             rank=getattr(kvs, "rank", None), tcp=tcp.address)
+        key = keys.mount_key(self.mount_id)
+        await kvs.commit(c.namespace, {key: record.encode()})
+        stack.push_async_callback(self._unregister, key)
+        puller = Puller(c, root_fd, catalog, transport, tcp, secret, self.stats,
+                        is_open=lambda rel: False)
+        puller.attach(nursery)
+        log.info("serving on %s (%s), tcp %s", transport.address, transport.name, tcp.address)
+        return puller
+
+    async def _unregister(self, key: str) -> None:
+        assert self.kvs is not None
+        with trio.move_on_after(5):
+            await self.kvs.commit(self.config.namespace, {key: None})
 
     def _close_fuse(self) -> None:
         pyfuse3.close(unmount=self._terminated)

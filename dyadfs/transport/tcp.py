@@ -1,0 +1,185 @@
+"""Plain TCP on trio sockets: the fallback transport, and the baseline in ``dyadfs bench``.
+
+The serving side sends file bytes with ``sendfile`` (no copy through Python); the fetching side
+receives into one reused buffer and writes it to the sink's descriptor. Connections are kept
+and reused per owner, so a stream of small frames pays for one connection, not one per frame.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import struct
+
+import trio
+
+from ..errors import FetchError
+from . import Handler, Transport
+from .protocol import CHUNK, MAX_MESSAGE, Request, Sink, header, parse_header, parse_trailer, \
+    trailer
+
+log = logging.getLogger(__name__)
+_LEN = struct.Struct("!I")
+
+
+async def _recv_exactly(sock: trio.socket.SocketType, n: int) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = await sock.recv_into(view[got:])
+        if k == 0:
+            raise FetchError("connection closed mid-message", errno.ECONNRESET)
+        got += k
+    return bytes(buf)
+
+
+async def recv_message(sock: trio.socket.SocketType) -> bytes:
+    (n,) = _LEN.unpack(await _recv_exactly(sock, _LEN.size))
+    if n > MAX_MESSAGE:
+        raise FetchError(f"message of {n} bytes is too long", errno.EPROTO)
+    return await _recv_exactly(sock, n)
+
+
+async def send_message(sock: trio.socket.SocketType, data: bytes) -> None:
+    await _send_all(sock, _LEN.pack(len(data)) + data)
+
+
+async def _send_all(sock: trio.socket.SocketType, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = await sock.send(view)
+        view = view[n:]
+
+
+async def _sendfile(sock: trio.socket.SocketType, fd: int, size: int) -> None:
+    off = 0
+    while off < size:
+        try:
+            n = os.sendfile(sock.fileno(), fd, off, min(size - off, 1 << 30))
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            continue
+        if n == 0:
+            raise FetchError("the file shrank while it was sent", errno.EIO)
+        off += n
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class TCPTransport(Transport):
+    name = "tcp"
+
+    def __init__(self) -> None:
+        self._idle: dict[str, list[trio.socket.SocketType]] = {}
+        self._listeners: list[trio.socket.SocketType] = []
+        self._nursery: trio.Nursery | None = None
+
+    async def start(self, nursery: trio.Nursery, handler: Handler, host: str) -> None:
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        await sock.bind(("0.0.0.0", 0))
+        sock.listen(128)
+        self._listeners.append(sock)
+        self.address = f"{host}:{sock.getsockname()[1]}"
+        self._nursery = nursery
+        nursery.start_soon(self._accept, sock, handler)
+
+    async def _accept(self, sock: trio.socket.SocketType, handler: Handler) -> None:
+        assert self._nursery is not None
+        while True:
+            conn, _ = await sock.accept()
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._nursery.start_soon(self._serve, conn, handler)
+
+    async def _serve(self, conn: trio.socket.SocketType, handler: Handler) -> None:
+        with conn:
+            while True:
+                try:
+                    raw = await recv_message(conn)
+                except (FetchError, OSError):
+                    return  # the peer closed or sent junk: drop the connection
+                try:
+                    req = Request.decode(raw)
+                except FetchError as e:
+                    log.warning("refused fetch: %s", e)
+                    await send_message(conn, header(err=errno.EINVAL, message=str(e)))
+                    return
+                served = await handler(req)
+                try:
+                    if served.err is not None:
+                        await send_message(conn, header(err=served.err, message=served.message))
+                        continue
+                    await send_message(conn, header(served.size))
+                    await _sendfile(conn, served.fd, served.size)
+                    why = served.check_unchanged()
+                    sha = await trio.to_thread.run_sync(served.digest) if served.verify else None
+                    await send_message(conn, trailer(why is None, sha, why or ""))
+                except (OSError, FetchError) as e:
+                    log.info("sending %r failed: %s", req.path, e)
+                    return
+                finally:
+                    served.close()
+
+    async def fetch(self, address: str, request: Request, sink: Sink) -> None:
+        sock, pooled = await self._connect(address)
+        try:
+            try:
+                await send_message(sock, request.encode())
+                raw = await recv_message(sock)
+            except (OSError, FetchError):
+                if not pooled:
+                    raise
+                sock.close()  # the owner closed the kept connection: one fresh try
+                sock, pooled = await self._connect(address, reuse=False)
+                await send_message(sock, request.encode())
+                raw = await recv_message(sock)
+            size = parse_header(raw)
+            sink.on_size(size)
+            buf = bytearray(min(CHUNK, max(size, 1)))
+            view = memoryview(buf)
+            off = 0
+            while off < size:
+                n = await sock.recv_into(view[:min(len(buf), size - off)])
+                if n == 0:
+                    raise FetchError(f"connection to {address} closed after {off} of {size} "
+                                     "bytes", errno.ECONNRESET)
+                done = 0
+                while done < n:
+                    done += os.pwrite(sink.fd, view[done:n], off + done)
+                off += n
+                sink.on_progress(off)
+            sink.sha256 = parse_trailer(await recv_message(sock))
+        except BaseException:
+            sock.close()
+            raise
+        self._idle.setdefault(address, []).append(sock)
+
+    async def _connect(self, address: str,
+                       reuse: bool = True) -> tuple[trio.socket.SocketType, bool]:
+        pool = self._idle.get(address)
+        if reuse and pool:
+            return pool.pop(), True
+        host, port = split_address(address)
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            await sock.connect((host, port))
+        except BaseException:
+            sock.close()
+            raise
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock, False
+
+    async def aclose(self) -> None:
+        for socks in self._idle.values():
+            for s in socks:
+                s.close()
+        self._idle.clear()
+        for s in self._listeners:
+            s.close()
+        self._listeners.clear()
