@@ -112,7 +112,7 @@ class Mount:
             "address": None if self.transport is None else self.transport.address,
             "started": self.started,
             "published": s.published, "waiting": s.waiting, "waits_done": s.waits_done,
-            "wait_timeouts": s.wait_timeouts, "pulled": s.pulled,
+            "wait_timeouts": s.wait_timeouts, "pulled": s.pulled, "pulling": s.pulling,
             "bytes_pulled": s.bytes_pulled, "served": s.served,
             "bytes_served": s.bytes_served, "errors": s.errors,
             "unexpected_errors": s.unexpected,

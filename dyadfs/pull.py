@@ -203,6 +203,7 @@ class Puller:
         rel = pull.rel
         t0 = time.monotonic()
         error: DyadfsError | None = None
+        self.stats.pulling += 1
         try:
             await self._transfer(pull)
             await self._install(pull)
@@ -211,6 +212,7 @@ class Puller:
         except OSError as e:
             error = FetchError(f"{e.strerror or e}", e.errno or errno.EIO)
         finally:
+            self.stats.pulling -= 1
             if error is not None or not pull.done:
                 try:
                     os.unlink(pull.tmp, dir_fd=self.root_fd)
