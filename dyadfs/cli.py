@@ -146,6 +146,9 @@ def _mount(args: argparse.Namespace, argv: list[str]) -> int:
     options = {k: getattr(args, k) for k in _MOUNT_OPTIONS}
     cfg = config_mod.build(args.dir, options)
     mount_mod.check_mountpoint(cfg)
+    if not cfg.shared_storage:
+        from .transport import check_available
+        check_available(cfg.transport)  # a missing UCXX is a one-line error here, not later
     if cfg.foreground:
         _setup_logging(cfg)
         try:

@@ -26,7 +26,7 @@ import trio
 from . import __version__, keys
 from .catalog import Catalog
 from .config import Config
-from .errors import UsageError
+from .errors import ConfigError, KVSError, UsageError
 from .fs import Operations, Stats
 from .keys import MountRecord
 from .kvs import KVS, open_kvs
@@ -126,6 +126,12 @@ class Mount:
         try:
             self.kvs = open_kvs(self.config)
             trio.run(self._main, root_fd)
+        except BaseExceptionGroup as group:
+            # A user error raised inside the nursery still deserves its one line.
+            user = _user_error(group)
+            if user is None:
+                raise
+            raise user from None
         finally:
             os.close(root_fd)
 
@@ -214,6 +220,17 @@ class Mount:
                 self._terminated = True
                 pyfuse3.terminate()
                 return
+
+
+def _user_error(group: BaseExceptionGroup[Any]) -> Exception | None:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            found = _user_error(exc)
+            if found is not None:
+                return found
+        elif isinstance(exc, (ConfigError, UsageError, KVSError)):
+            return exc
+    return None
 
 
 def _unlink(path: Path) -> None:

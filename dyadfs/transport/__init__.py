@@ -67,6 +67,15 @@ _IMPLS = {"tcp": ("dyadfs.transport.tcp", "TCPTransport"),
           "ucx": ("dyadfs.transport.ucx", "UCXTransport")}
 
 
+def check_available(name: str) -> None:
+    """Cheaply (without importing UCX) raise the one-line error :func:`load` would raise."""
+    import importlib.util
+
+    if name == "ucx" and importlib.util.find_spec("ucxx") is None:
+        raise ConfigError("--transport ucx: UCXX is not installed; install it with "
+                          "pip install 'dyadfs[ucx]' (ucxx-cu12), or use --transport tcp")
+
+
 def load(name: str) -> type[Transport]:
     """The transport class *name*, or a one-line error naming the fallback."""
     module_name, class_name = _IMPLS[name]
