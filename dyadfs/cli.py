@@ -90,9 +90,14 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("--kvs", metavar="local|local:PATH|flux")
 
     b = sub.add_parser("bench", help="measure dyadfs beside its baselines")
-    b.add_argument("--quick", action="store_true")
-    b.add_argument("--json", metavar="FILE")
-    b.add_argument("--frames", type=int)
+    b.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
+    b.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    b.add_argument("--plot", metavar="FILE.png", help="draw throughput against size")
+    b.add_argument("--sizes", nargs="+", metavar="MiB", help="pull sizes (default 1 16 64 256)")
+    b.add_argument("--frames", type=int, help="frames in the latency runs")
+    b.add_argument("--transport", choices=config_mod.TRANSPORTS, help="only this transport")
+    b.add_argument("--dir", metavar="PATH", help="where to make the bench's directories "
+                   "(default: the temporary directory)")
     return p
 
 

@@ -26,7 +26,7 @@ import trio
 from . import __version__, keys
 from .catalog import Catalog
 from .config import Config
-from .errors import ConfigError, KVSError, UsageError
+from .errors import ConfigError, FetchError, KVSError, UsageError
 from .fs import Operations, Stats
 from .keys import MountRecord
 from .kvs import KVS, open_kvs
@@ -97,6 +97,7 @@ class Mount:
         self.mount_id = mount_id_for(config)
         self.kvs: KVS | None = None
         self.transport: Any = None
+        self.puller: Puller | None = None
         self._terminated = False
 
     def status(self) -> dict[str, Any]:
@@ -202,6 +203,7 @@ class Mount:
         puller = Puller(c, root_fd, catalog, transport, tcp, secret, self.stats,
                         is_open=lambda rel: False)
         puller.attach(nursery)
+        self.puller = puller
         log.info("serving on %s (%s), tcp %s", transport.address, transport.name, tcp.address)
         return puller
 
@@ -256,11 +258,41 @@ async def _serve_control(mount: Mount, *,
         await sock.bind(str(path))
         sock.listen(16)
         task_status.started(path)
-        while True:
-            conn, _ = await sock.accept()
-            with conn:
-                with trio.move_on_after(2):
-                    await conn.send((json.dumps(mount.status()) + "\n").encode())
+        async with trio.open_nursery() as nursery:
+            while True:
+                conn, _ = await sock.accept()
+                nursery.start_soon(_control_request, mount, conn)
+
+
+async def _control_request(mount: Mount, conn: trio.socket.SocketType) -> None:
+    """One JSON request line, one JSON answer line: status, or a raw transfer (bench)."""
+    with conn:
+        try:
+            with trio.fail_after(5):
+                data = b""
+                while not data.endswith(b"\n") and len(data) < 4096:
+                    chunk = await conn.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+            request = json.loads(data or b"{}")
+            if request.get("cmd", "status") == "raw":
+                if mount.puller is None:
+                    raise UsageError("this mount does not pull (shared storage)")
+                with trio.fail_after(300):
+                    seconds = await mount.puller.raw_fetch(str(request["owner"]),
+                                                           int(request["size"]))
+                answer: dict[str, Any] = {"seconds": seconds}
+            else:
+                answer = mount.status()
+        except (trio.TooSlowError, ValueError, KeyError, TypeError, UsageError, OSError,
+                FetchError) as e:
+            answer = {"error": str(e) or type(e).__name__}
+        with trio.move_on_after(5):
+            try:
+                await conn.send((json.dumps(answer) + "\n").encode())
+            except OSError:
+                pass
 
 
 def query_status(config: Config, timeout: float = 5.0) -> dict[str, Any]:
@@ -283,11 +315,13 @@ def read_info(path: Path) -> dict[str, Any] | None:
     return info
 
 
-def query_socket(path: str, timeout: float) -> dict[str, Any]:
+def query_socket(path: str, timeout: float,
+                 request: dict[str, Any] | None = None) -> dict[str, Any]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         try:
             s.connect(path)
+            s.sendall((json.dumps(request or {"cmd": "status"}) + "\n").encode())
             data = b""
             while not data.endswith(b"\n"):
                 chunk = s.recv(65536)

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 STATE_DIR = b".dyadfs"
 TMP_DIR = b".dyadfs/tmp"
 VERSION_XATTR = "user.dyadfs.version"
+RAW_MAX = 4 << 30
 
 
 class Pull:
@@ -187,6 +188,18 @@ class Puller:
         await pull.wait_started()
         return pull
 
+    async def raw_fetch(self, owner: str, size: int) -> float:
+        """Seconds to move *size* bytes from *owner*'s memory to here, without files: the
+        transport's own limit between the same two processes (for ``dyadfs bench``)."""
+        where = await self._owner_address(owner)
+        if where is None:
+            raise FetchError(f"owner {owner} is not registered", errno.ENOENT)
+        transport, address = where
+        req = Request(self.catalog.ns, self.secret, b"", 0, raw=size)
+        t0 = time.perf_counter()
+        await transport.fetch(address, req, Sink(-1, lambda n: None, lambda n: None))
+        return time.perf_counter() - t0
+
     async def _owner_address(self, owner: str) -> tuple[Transport, str] | None:
         raw = await self.catalog.kvs.get(self.catalog.ns, keys.mount_key(owner))
         if raw is None:
@@ -246,12 +259,24 @@ class Puller:
                 transport, address = where
                 req = Request(self.catalog.ns, self.secret, pull.rel, pull.rec.version,
                               self.cfg.verify)
-                sink = Sink(pull.fd, lambda n: self._sized(pull, n), pull.progress)
+                # --fetch-timeout bounds a silence, not a transfer: every arrival of bytes
+                # moves the deadline (a 100 GB file may take minutes; a dead owner may not).
+                scope = trio.CancelScope(deadline=trio.current_time() + self.cfg.fetch_timeout)
+
+                def arrived(n: int, scope: trio.CancelScope = scope) -> None:
+                    pull.progress(n)
+                    scope.deadline = trio.current_time() + self.cfg.fetch_timeout
+
+                sink = Sink(pull.fd, lambda n: self._sized(pull, n), arrived)
                 try:
-                    with trio.fail_after(max(0.01, deadline - trio.current_time())):
+                    with scope:
                         await transport.fetch(address, req, sink)
+                    if scope.cancelled_caught:
+                        raise trio.TooSlowError(f"nothing arrived for {self.cfg.fetch_timeout} s")
                 except (FetchError, OSError, trio.TooSlowError) as e:
-                    last = f"{address}: {getattr(e, 'strerror', None) or e}"
+                    last = f"{address}: {getattr(e, 'strerror', None) or e or type(e).__name__}"
+                    if pull.received:
+                        deadline = trio.current_time() + self.cfg.fetch_timeout
                     if isinstance(e, FetchError) and e.errno == errno.ESTALE:
                         fresh = await self.catalog.get(pull.rel)  # a newer version meanwhile?
                         if fresh is not None and fresh.complete:
@@ -337,6 +362,12 @@ class FileServer:
         why = check_secret(req, self.catalog.ns, lambda: self.secret)
         if why is not None:
             return refuse(errno.EACCES, why, req)
+        if req.raw:
+            if not 0 < req.raw <= RAW_MAX:
+                return refuse(errno.EINVAL, f"raw size {req.raw} out of range", req)
+            fd = os.memfd_create("dyadfs-raw")  # zeros, from memory: the transport's limit
+            os.ftruncate(fd, req.raw)
+            return Served(fd=fd, size=req.raw, _st=os.fstat(fd))
         try:
             rec = await self.catalog.get(req.path)
         except DyadfsError as e:

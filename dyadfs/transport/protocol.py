@@ -34,11 +34,12 @@ class Request:
     path: bytes
     version: int
     verify: bool = False
+    raw: int = 0  # dyadfs bench: send this many bytes from memory instead of a file
 
     def encode(self) -> bytes:
         return json.dumps({"op": "fetch", "ns": self.ns, "secret": self.secret,
                            "path": self.path.hex(), "version": self.version,
-                           "verify": self.verify}).encode()
+                           "verify": self.verify, "raw": self.raw}).encode()
 
     @classmethod
     def decode(cls, raw: bytes) -> Request:
@@ -47,7 +48,8 @@ class Request:
             if not isinstance(d, dict) or d.get("op") != "fetch":
                 raise ValueError("not a fetch")
             return cls(ns=str(d["ns"]), secret=str(d["secret"]), path=bytes.fromhex(d["path"]),
-                       version=int(d["version"]), verify=bool(d.get("verify", False)))
+                       version=int(d["version"]), verify=bool(d.get("verify", False)),
+                       raw=int(d.get("raw", 0)))
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise FetchError(f"malformed request: {e}", errno.EINVAL) from None
 

@@ -149,7 +149,7 @@ class TCPTransport(Transport):
                 if n == 0:
                     raise FetchError(f"connection to {address} closed after {off} of {size} "
                                      "bytes", errno.ECONNRESET)
-                done = 0
+                done = 0 if sink.fd >= 0 else n  # fd -1: a raw transfer, discarded
                 while done < n:
                     done += os.pwrite(sink.fd, view[done:n], off + done)
                 off += n

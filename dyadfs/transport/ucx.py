@@ -170,13 +170,13 @@ class UCXTransport(Transport):
                 return
             await ep.send_obj(header(served.size))
             if served.size:
-                with mmap.mmap(served.fd, served.size, prot=mmap.PROT_READ) as mm:
-                    data = np.frombuffer(mm, dtype=np.uint8)
-                    try:
-                        for off in range(0, served.size, CHUNK):
-                            await ep.send(data[off:off + CHUNK])
-                    finally:
-                        del data
+                # Not closed explicitly: UCXX may hold views of it a little longer; the map
+                # goes when the last view does.
+                mm = mmap.mmap(served.fd, served.size, prot=mmap.PROT_READ)
+                data = np.frombuffer(mm, dtype=np.uint8)
+                for off in range(0, served.size, CHUNK):
+                    await ep.send(data[off:off + CHUNK])
+                del data, mm
             why = served.check_unchanged()
             sha = served.digest() if served.verify else None
             await ep.send_obj(trailer(why is None, sha, why or ""))
@@ -215,7 +215,7 @@ class UCXTransport(Transport):
                     n = min(CHUNK, size - off)
                     await ep.recv(buf[:n])
                     view = memoryview(buf)[:n]
-                    done = 0
+                    done = 0 if sink.fd >= 0 else n  # fd -1: a raw transfer, discarded
                     while done < n:
                         done += os.pwrite(sink.fd, view[done:], off + done)
                     off += n
