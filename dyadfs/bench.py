@@ -361,7 +361,7 @@ def bench_read(cons: Path, cons_backing: Path, name: str, size: int) -> dict[str
 def bench_write(prod: Path, prod_backing: Path, size: int, count: int) -> dict[str, Any]:
     res: dict[str, Any] = {"size_bytes": size, "files": count}
     for label, base in (("mount", prod), ("backing", prod_backing)):
-        d = base / f"write-{label}"
+        d = base / f"write-{size}-{label}"
         d.mkdir()
         t0 = time.perf_counter()
         for i in range(count):

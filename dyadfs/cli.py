@@ -68,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--listen", metavar="HOST", help="address to serve files on")
     m.add_argument("--verify", action="store_const", const=True,
                    help="check a SHA-256 of every pulled file")
+    m.add_argument("--ucx-threshold", metavar="BYTES",
+                   help="files smaller than this move over the kept TCP connection even with "
+                   "--transport ucx (default 4M; 0: always UCX)")
     m.add_argument("--async-publish", action="store_const", const=True,
                    help="let close() return before the publication is committed")
     m.add_argument("--prefetch", action="store_const", const=True,
@@ -103,7 +106,8 @@ def _parser() -> argparse.ArgumentParser:
 
 _MOUNT_OPTIONS = ("role", "namespace", "shared_storage", "backing", "cache_dir", "cache_size",
                   "wait_timeout", "wait_on_stat", "fetch_timeout", "kvs", "transport", "listen",
-                  "verify", "async_publish", "prefetch", "foreground", "log", "debug")
+                  "verify", "ucx_threshold", "async_publish", "prefetch", "foreground", "log",
+                  "debug")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

