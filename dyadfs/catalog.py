@@ -58,7 +58,11 @@ class Catalog:
     def _dyad_puts(self, rel: bytes, present: bool) -> dict[str, bytes | None]:
         if not self._dyad_keys:
             return {}
-        key = keys.dyad_key(os.fsdecode(rel), self._depth, self._bins)
+        try:
+            upath = rel.decode("utf-8")
+        except UnicodeDecodeError:
+            return {}  # Flux keys are UTF-8 strings: DYAD cannot name this file, dyadfs can
+        key = keys.dyad_key(upath, self._depth, self._bins)
         return {key: str(self._rank if self._rank is not None else 0).encode() if present
                 else None}
 

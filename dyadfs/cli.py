@@ -163,7 +163,8 @@ def _mount(args: argparse.Namespace, argv: list[str]) -> int:
         try:
             mount_mod.Mount(cfg).run()
         except (ConfigError, UsageError, KVSError) as e:
-            log.error("%s", e)
+            if cfg.log is not None:
+                log.error("%s", e)  # to the log file; stderr gets the one line below
             sys.stderr.write(f"dyadfs: error: {e}\n")
             return EXIT_CONFIG if isinstance(e, ConfigError) else EXIT_FAIL
         return 0

@@ -141,6 +141,11 @@ def _guard_handlers(cls: type) -> type:
     return cls
 
 
+def show(rel: bytes) -> str:
+    """A path for a log line: any bytes, printable."""
+    return rel.decode("utf-8", "backslashreplace")
+
+
 def _join(rel: bytes, name: bytes) -> bytes:
     return name if rel == b"." else rel + b"/" + name
 
@@ -643,11 +648,11 @@ class Operations(pyfuse3.Operations):
             if isinstance(failure[0], WaitTimeout):
                 self.stats.wait_timeouts += 1
                 log.warning("open of %s: not published after %s s: ETIMEDOUT",
-                            os.fsdecode(rel), self.cfg.wait_timeout)
+                            show(rel), self.cfg.wait_timeout)
             raise failure[0]
         if not result:
             log.info("open of %s: the waiting process was signalled or is gone; wait dropped",
-                     os.fsdecode(rel))
+                     show(rel))
             raise FUSEError(errno.EINTR)
         self.stats.waits_done += 1
         return result[0]
@@ -706,7 +711,7 @@ class Operations(pyfuse3.Operations):
         except DyadfsError as e:
             if not self.cfg.async_publish:
                 raise
-            log.error("asynchronous publication of %s failed: %s", os.fsdecode(rel), e)
+            log.error("asynchronous publication of %s failed: %s", show(rel), e)
             return
         self.stats.published += 1
 

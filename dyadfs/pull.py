@@ -31,6 +31,7 @@ import trio
 from . import keys
 from .catalog import Catalog
 from .errors import DyadfsError, FetchError
+from .fs import show
 from .keys import FileRecord, MountRecord
 from .transport import Transport
 from .transport.protocol import Request, Served, Sink, check_secret, open_beneath, refuse
@@ -89,7 +90,7 @@ class Pull:
         while self.received < end and not self.done:
             await self._changed.wait()
         if self.error is not None:
-            raise DyadfsError(f"pull of {os.fsdecode(self.rel)} failed: {self.error}",
+            raise DyadfsError(f"pull of {show(self.rel)} failed: {self.error}",
                               errno.EIO)
 
     async def wait_done(self) -> None:
@@ -245,12 +246,12 @@ class Puller:
                 del self._pulls[rel]
         if error is not None:
             self.stats.errors += 1
-            log.error("pull of %s failed: %s", os.fsdecode(rel), error)
+            log.error("pull of %s failed: %s", show(rel), error)
             pull.finish(FetchError(str(error), errno.EIO))
             return
         self.stats.pulled += 1
         self.stats.bytes_pulled += pull.rec.size
-        log.debug("pulled %s (%d B) in %.3f s", os.fsdecode(rel), pull.rec.size,
+        log.debug("pulled %s (%d B) in %.3f s", show(rel), pull.rec.size,
                   time.monotonic() - t0)
         pull.finish(None)
         self._evict()
@@ -358,7 +359,7 @@ class Puller:
                 pass
             total -= self._lru.pop(rel)
             self._versions.pop(rel, None)
-            log.info("evicted %s (cache over %d bytes)", os.fsdecode(rel), limit)
+            log.info("evicted %s (cache over %d bytes)", show(rel), limit)
 
 
 class FileServer:

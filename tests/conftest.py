@@ -47,13 +47,56 @@ def is_fuse_mount(path: Path) -> bool:
     return fuse_mounted(Path(os.path.abspath(path)))
 
 
+class FluxInstance:
+    """A real ``flux start --test-size=2`` for the whole session: two brokers on this machine."""
+
+    def __init__(self, workdir: Path) -> None:
+        uris = workdir / "uris"
+        script = (f"printenv FLUX_URI > {uris}.tmp && flux exec -r 1 printenv FLUX_URI >> "
+                  f"{uris}.tmp && mv {uris}.tmp {uris} && exec sleep 7200")
+        env = {k: v for k, v in os.environ.items() if k != "FLUX_URI"}
+        self.proc = subprocess.Popen(["flux", "start", "--test-size=2", "bash", "-c", script],
+                                     start_new_session=True, env=env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: uris.exists() or self.proc.poll() is not None, 120, "flux start")
+        if not uris.exists():
+            raise RuntimeError("flux start --test-size=2 failed")
+        self.uris = uris.read_text().split()
+
+    def env(self, rank: int = 0) -> dict[str, str]:
+        return {**os.environ, "FLUX_URI": self.uris[rank]}
+
+    def flux(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["flux", *args], capture_output=True, text=True,
+                              env=self.env(), timeout=60)
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(30)
+        except (OSError, subprocess.TimeoutExpired):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+
 class Mounts:
     """Starts mounts with the real CLI; tears every one of them down."""
 
-    def __init__(self, state: Path, env: dict[str, str]) -> None:
+    def __init__(self, state: Path, env: dict[str, str],
+                 flux: FluxInstance | None = None) -> None:
         self.state = state
         self.env = env
+        self.flux = flux
+        self.tag = os.urandom(4).hex()
         self.mounted: list[tuple[Path, list[str] | None]] = []
+
+    def ns(self, name: str) -> str:
+        """The namespace a test's *name* stands for: one Flux instance serves every test, so
+        each test gets namespaces of its own there (a removed namespace lingers a moment)."""
+        return name if self.flux is None else f"{name}-{self.tag}"
+
+    @property
+    def backend(self) -> str:
+        return "local" if self.flux is None else "flux"
 
     def mount(self, path: Path, *opts: str, env: dict[str, str] | None = None,
               prefix: list[str] | None = None) -> Path:
@@ -61,6 +104,13 @@ class Mounts:
         log = self.state / f"log-{len(self.mounted)}-{path.name}.txt"
         cmd = [*(prefix or []), sys.executable, "-m", "dyadfs", "mount", str(path),
                "--log", str(log), *opts]
+        if env is None and self.flux is not None:
+            # consumers on the second broker, everything else on the first: two "nodes"
+            rank = 1 if "consumer" in opts else 0
+            env = {**self.env, "FLUX_URI": self.flux.uris[rank]}
+            cmd += ["--kvs", "flux"]
+            cmd = [self.ns(a) if i and cmd[i - 1] == "--namespace" else a
+                   for i, a in enumerate(cmd)]
         self.mounted.append((path, prefix))
         r = subprocess.run(cmd, capture_output=True, text=True, env=env or self.env, timeout=90)
         if r.returncode != 0:
@@ -109,11 +159,36 @@ def state_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+FLUX_OK = shutil.which("flux") is not None
+_flux_instance: list[FluxInstance] = []
+
+
+@pytest.fixture(scope="session")
+def flux_instance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FluxInstance]:
+    if not FLUX_OK:
+        pytest.skip("no flux command: flux-core is not installed (Flux tests skipped)")
+    inst = FluxInstance(tmp_path_factory.mktemp("flux"))
+    try:
+        yield inst
+    finally:
+        inst.stop()
+
+
 @pytest.fixture
-def mounts(tmp_path: Path, state_env: dict[str, str]) -> Iterator[Mounts]:
+def kvs_backend() -> str:
+    """Which KVS the mounts use; test modules override this to run over both."""
+    return "local"
+
+
+@pytest.fixture
+def mounts(tmp_path: Path, state_env: dict[str, str], kvs_backend: str,
+           request: pytest.FixtureRequest) -> Iterator[Mounts]:
     if not FUSE_OK:
         pytest.skip("needs /dev/fuse and fusermount3 (fuse3)")
-    m = Mounts(Path(state_env["DYADFS_STATE_DIR"]), state_env)
+    flux = None
+    if kvs_backend == "flux":
+        flux = request.getfixturevalue("flux_instance")
+    m = Mounts(Path(state_env["DYADFS_STATE_DIR"]), state_env, flux)
     m.state.mkdir(parents=True, exist_ok=True)
     try:
         yield m
@@ -122,6 +197,35 @@ def mounts(tmp_path: Path, state_env: dict[str, str]) -> Iterator[Mounts]:
     logs = m.logs()
     bad = [ln for ln in logs.splitlines() if "Traceback" in ln or "unexpected error" in ln]
     assert not bad, "the daemon logged errors:\n" + logs
+
+
+def kvs_get(mounts: Mounts, ns: str, key: str) -> bytes | None:
+    """A key's value, read through the same KVS the mounts use."""
+    import trio
+
+    async def get() -> bytes | None:
+        if mounts.flux is not None:
+            os.environ["FLUX_URI"] = mounts.flux.uris[0]
+            try:
+                from dyadfs.kvs.flux import FluxKVS
+                kvs = FluxKVS(mounts.flux.uris[0])
+                return await kvs.get(mounts.ns(ns), key)
+            finally:
+                del os.environ["FLUX_URI"]
+        from dyadfs.kvs.local import LocalKVS
+        local = LocalKVS(mounts.state / "kvs.sqlite")
+        try:
+            return await local.get(ns, key)
+        finally:
+            await local.aclose()
+    return trio.run(get)
+
+
+def both_kvs(request: pytest.FixtureRequest) -> str:
+    """Param for a module's kvs_backend fixture: local always, flux when installed."""
+    if request.param == "flux" and not FLUX_OK:
+        pytest.skip("no flux command: flux-core is not installed (Flux tests skipped)")
+    return str(request.param)
 
 
 def run(cmd: list[str] | str, timeout: float = 60, check: bool = True,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -15,20 +14,20 @@ import pytest
 
 from dyadfs.keys import FileRecord
 
-from .conftest import Mounts, dyadfs_cmd, run, wait_for
+from .conftest import Mounts, both_kvs, dyadfs_cmd, kvs_get, run, wait_for
 
 pytestmark = pytest.mark.mounted
 NS = "t"
 
 
+@pytest.fixture(params=["local", pytest.param("flux", marks=pytest.mark.flux)])
+def kvs_backend(request: pytest.FixtureRequest) -> str:
+    return both_kvs(request)
+
+
 def record(mounts: Mounts, rel: str, ns: str = NS) -> FileRecord | None:
-    db = sqlite3.connect(mounts.state / "kvs.sqlite")
-    try:
-        row = db.execute("SELECT value FROM kv WHERE ns=? AND key=?",
-                         (ns, ("files/" + rel).encode("utf-8", "surrogateescape"))).fetchone()
-    finally:
-        db.close()
-    return None if row is None else FileRecord.decode(bytes(row[0]), rel)
+    raw = kvs_get(mounts, ns, "files/" + rel)
+    return None if raw is None else FileRecord.decode(raw, rel)
 
 
 @pytest.fixture
@@ -314,7 +313,7 @@ def test_status_json(tmp_path: Path, mounts: Mounts) -> None:
     st = mounts.status(mp)
     for key in ("pid", "namespace", "published", "waiting", "role", "kvs", "errors"):
         assert key in st
-    assert st["namespace"] == "ns1" and st["role"] == "consumer"
+    assert st["namespace"] == mounts.ns("ns1") and st["role"] == "consumer"
     out = dyadfs_cmd("status", env=mounts.env).stdout
     assert str(mp) in out
 

@@ -21,10 +21,15 @@ from dyadfs.errors import FetchError
 from dyadfs.transport.protocol import Request, Sink
 from dyadfs.transport.tcp import TCPTransport
 
-from .conftest import Mounts, run, wait_for
+from .conftest import Mounts, both_kvs, run, wait_for
 
 pytestmark = pytest.mark.mounted
 NS = "pull"
+
+
+@pytest.fixture(params=["local", pytest.param("flux", marks=pytest.mark.flux)])
+def kvs_backend(request: pytest.FixtureRequest) -> str:
+    return both_kvs(request)
 TRANSPORTS = ["ucx", "tcp"]
 
 
@@ -173,6 +178,7 @@ def _registry(mounts: Mounts) -> dict[str, keys.MountRecord]:
     return out
 
 
+@pytest.mark.parametrize("kvs_backend", ["local"], indirect=True)  # forges embedded-KVS records
 def test_hostile_fetch_requests_are_refused(tmp_path: Path, mounts: Mounts) -> None:
     prod, cons = pair(tmp_path, mounts, "tcp")
     outside = tmp_path / "outside.txt"
@@ -251,4 +257,17 @@ def test_ucx_missing_is_a_one_line_error(tmp_path: Path, state_env: dict[str, st
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env=state_env, timeout=60)
     assert r.returncode != 0 and "--transport tcp" in r.stderr and "Traceback" not in r.stderr
+    assert not os.path.ismount(tmp_path / "m")
+
+
+def test_missing_flux_module_is_a_one_line_error(tmp_path: Path,
+                                                 state_env: dict[str, str]) -> None:
+    (tmp_path / "m").mkdir()
+    code = ("import sys, runpy; sys.modules['flux'] = None; sys.argv = ['dyadfs', 'mount', "
+            f"{str(tmp_path / 'm')!r}, '--kvs', 'flux', '--foreground']; "
+            "runpy.run_module('dyadfs', run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=state_env, timeout=60)
+    assert r.returncode != 0 and "flux-python" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
     assert not os.path.ismount(tmp_path / "m")
