@@ -48,8 +48,8 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def _ms(seconds: list[float]) -> dict[str, float]:
-    return {"p50_ms": round(_pct(seconds, 50) * 1e3, 3), "p99_ms": round(_pct(seconds, 99) * 1e3, 3),
-            "n": len(seconds)}
+    return {"p50_ms": round(_pct(seconds, 50) * 1e3, 3),
+            "p99_ms": round(_pct(seconds, 99) * 1e3, 3), "n": len(seconds)}
 
 
 def _mibps(size: int, seconds: float) -> float:
@@ -174,7 +174,7 @@ def bench_kvs(root: Path, env: dict[str, str], n: int) -> dict[str, Any]:
     starts = trio.run(commit_all)
     out, _ = proc.communicate(timeout=120)
     data = json.loads(out.strip().splitlines()[-1])
-    lat = [(w - s) / 1e9 for w, s in zip(data["woke"], starts)]
+    lat = [(w - s) / 1e9 for w, s in zip(data["woke"], starts, strict=True)]
     return {"wake_latency": _ms(lat), "idle_waiter_cpu_share": round(data["idle_cpu"], 5)}
 
 
@@ -370,6 +370,25 @@ def bench_write(prod: Path, prod_backing: Path, size: int, count: int) -> dict[s
     return res
 
 
+def bench_kvs_compare(base: Path, env: dict[str, str], transport: str,
+                      nlat: int) -> dict[str, Any]:
+    """Under Flux: frame latency and a 16 MiB pull on the Flux KVS beside the embedded one."""
+    out: dict[str, Any] = {}
+    for kvs in ("local", "flux"):
+        root = base / f"kvs-{kvs}"
+        root.mkdir()
+        with _mounts(root, env) as m:
+            ns = ["--namespace", f"bench-kvs-{kvs}-{os.getpid()}", "--transport", transport,
+                  "--kvs", kvs]
+            prod, prod_b = m.mount("prod", "--role", "producer", *ns)
+            cons, _ = m.mount("cons", "--role", "consumer", *ns)
+            owner = m.control(prod)["mount_id"]
+            lat = frame_latency(prod, cons, nlat, "lat")
+            pull = bench_pull(m, prod, prod_b, cons, [16 * MiB], 3, owner)[0]
+            out[kvs] = {"frame_latency": lat, "pull_16MiB_MiBps": pull["dyadfs_MiBps"]}
+    return out
+
+
 # -- the whole run --------------------------------------------------------------------------------
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     quick = bool(args.quick)
@@ -438,6 +457,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             results["frame_latency_baselines"]["shared_storage"] = frame_latency(
                 prod, cmp_, nlat, "lat")
         results["transports"] = per
+        if env.get("FLUX_URI"):
+            results["kvs_compare"] = bench_kvs_compare(base, env, transports[0], nlat)
         main = per.get("ucx") or per[transports[0]]
         results["frame_latency"] = main["frame_latency"]
         results["pull"] = main["pull"]
@@ -488,6 +509,9 @@ def render(res: dict[str, Any]) -> str:
         for s in r["scaling_consumers"]:
             lines.append(f"  100 frames, {s['consumers']} consumers: {s['frames_per_s']} frames/s"
                          f" ({s['frames_delivered_per_s']} delivered/s), p50 {s['p50_ms']} ms")
+    for kvs, r in res.get("kvs_compare", {}).items():
+        lines.append(f"KVS {kvs}: frame latency p50 {r['frame_latency']['p50_ms']} ms, p99 "
+                     f"{r['frame_latency']['p99_ms']} ms; 16 MiB pull {r['pull_16MiB_MiBps']} MiB/s")
     return "\n".join(lines)
 
 

@@ -52,7 +52,6 @@ def _parser() -> argparse.ArgumentParser:
                    help="every mount sees the same backing storage: wait, never copy")
     m.add_argument("--backing", metavar="PATH",
                    help="keep the files in PATH instead of DIR itself")
-    m.add_argument("--cache-dir", metavar="PATH", help="put pulled copies in PATH")
     m.add_argument("--cache-size", metavar="BYTES",
                    help="bound the pulled copies (LRU; e.g. 512M, 4G)")
     m.add_argument("--wait-timeout", metavar="SECONDS",
@@ -73,8 +72,6 @@ def _parser() -> argparse.ArgumentParser:
                    "--transport ucx (default 4M; 0: always UCX)")
     m.add_argument("--async-publish", action="store_const", const=True,
                    help="let close() return before the publication is committed")
-    m.add_argument("--prefetch", action="store_const", const=True,
-                   help="pull every publication as soon as it appears")
     m.add_argument("--foreground", action="store_const", const=True,
                    help="stay in the foreground instead of starting a daemon")
     m.add_argument("--log", metavar="FILE", help="log to FILE")
@@ -104,9 +101,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-_MOUNT_OPTIONS = ("role", "namespace", "shared_storage", "backing", "cache_dir", "cache_size",
+_MOUNT_OPTIONS = ("role", "namespace", "shared_storage", "backing", "cache_size",
                   "wait_timeout", "wait_on_stat", "fetch_timeout", "kvs", "transport", "listen",
-                  "verify", "ucx_threshold", "async_publish", "prefetch", "foreground", "log",
+                  "verify", "ucx_threshold", "async_publish", "foreground", "log",
                   "debug")
 
 

@@ -40,7 +40,6 @@ class Config:
     namespace: str = DEFAULT_NAMESPACE
     shared_storage: bool = False
     backing: Path | None = None
-    cache_dir: Path | None = None
     cache_size: int | None = None
     wait_timeout: float | None = None
     wait_on_stat: bool = False
@@ -51,7 +50,6 @@ class Config:
     verify: bool = False
     ucx_threshold: int = 4 << 20
     async_publish: bool = False
-    prefetch: bool = False
     key_depth: int = 3
     key_bins: int = 1024
     foreground: bool = False
@@ -80,7 +78,6 @@ _FIELDS: dict[str, tuple[str, str | None, str]] = {
     "namespace": ("DYADFS_NAMESPACE", "DYAD_KVS_NAMESPACE", "namespace"),
     "shared_storage": ("DYADFS_SHARED_STORAGE", "DYAD_SHARED_STORAGE", "bool"),
     "backing": ("DYADFS_BACKING", None, "path"),
-    "cache_dir": ("DYADFS_CACHE_DIR", None, "path"),
     "cache_size": ("DYADFS_CACHE_SIZE", None, "size"),
     "wait_timeout": ("DYADFS_WAIT_TIMEOUT", None, "seconds"),
     "wait_on_stat": ("DYADFS_WAIT_ON_STAT", None, "bool"),
@@ -91,7 +88,6 @@ _FIELDS: dict[str, tuple[str, str | None, str]] = {
     "verify": ("DYADFS_VERIFY", None, "bool"),
     "ucx_threshold": ("DYADFS_UCX_THRESHOLD", None, "size0"),
     "async_publish": ("DYADFS_ASYNC_PUBLISH", "DYAD_ASYNC_PUBLISH", "bool"),
-    "prefetch": ("DYADFS_PREFETCH", None, "bool"),
     "key_depth": ("DYADFS_KEY_DEPTH", "DYAD_KEY_DEPTH", "int"),
     "key_bins": ("DYADFS_KEY_BINS", "DYAD_KEY_BINS", "posint"),
     "log": ("DYADFS_LOG", None, "path"),
@@ -202,21 +198,17 @@ def build(mountpoint: str | os.PathLike[str], options: Mapping[str, Any] | None 
         values["role"] = _role_from_dyad(mp, env)
     if "kvs" not in values and env.get("FLUX_URI"):
         values["kvs"] = "flux"
-    if values.get("backing") is not None:
-        values["backing"] = Path(os.path.abspath(values["backing"]))
-    if values.get("cache_dir") is not None:
-        values["cache_dir"] = Path(os.path.abspath(values["cache_dir"]))
-    cfg = Config(**values)
-    if cfg.shared_storage and cfg.cache_dir is not None:
-        raise ConfigError("--cache-dir makes no sense with --shared-storage (nothing is copied)")
-    return cfg
+    backing = values.get("backing")
+    if backing is not None:
+        values["backing"] = Path(os.path.abspath(backing))
+    return Config(**values)
 
 
 def _role_from_dyad(mp: Path, env: Mapping[str, str]) -> str:
     """DYAD names the managed directories instead of roles: map them onto ours."""
     def same(var: str) -> bool:
         value = env.get(var)
-        return bool(value) and Path(os.path.abspath(value)) == mp  # type: ignore[arg-type]
+        return value is not None and value != "" and Path(os.path.abspath(value)) == mp
 
     producer, consumer = same("DYAD_PATH_PRODUCER"), same("DYAD_PATH_CONSUMER")
     if producer and not consumer:

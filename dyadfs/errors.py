@@ -6,7 +6,7 @@ import errno
 
 
 class DyadfsError(Exception):
-    """An expected failure inside the filesystem; ``errno`` is what the caller of the syscall sees."""
+    """An expected failure in the file system; ``errno`` is what the caller of the syscall sees."""
 
     errno: int = errno.EIO
 

@@ -22,7 +22,7 @@ import functools
 import logging
 import os
 import stat as stat_mod
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -327,7 +327,7 @@ class Operations(pyfuse3.Operations):
             return await self._lookup(parent, name, rel, ctx)
         raise FUSEError(errno.ENOENT)
 
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, nlookup in inode_list:
             node = self._nodes.get(ino)
             if node is None or ino == ROOT:
@@ -636,7 +636,8 @@ class Operations(pyfuse3.Operations):
                     nursery.cancel_scope.cancel()
 
                 async def watch() -> None:
-                    while _caller_alive(pid):
+                    # No event tells that a signal is pending: a 4 Hz look at /proc is it.
+                    while _caller_alive(pid):  # noqa: ASYNC110
                         await trio.sleep(CALLER_CHECK)
                     nursery.cancel_scope.cancel()
 

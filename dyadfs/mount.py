@@ -81,8 +81,6 @@ def check_mountpoint(config: Config) -> None:
         raise UsageError(f"{mp}: already mounted (dyadfs umount {mp} first)")
     if config.backing is not None and not config.backing.is_dir():
         raise UsageError(f"--backing {config.backing}: not a directory")
-    if config.cache_dir is not None and not config.cache_dir.is_dir():
-        raise UsageError(f"--cache-dir {config.cache_dir}: not a directory")
     if not os.path.exists("/dev/fuse"):
         raise UsageError("/dev/fuse is missing: FUSE is not available on this machine")
 

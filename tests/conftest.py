@@ -114,7 +114,8 @@ class Mounts:
         self.mounted.append((path, prefix))
         r = subprocess.run(cmd, capture_output=True, text=True, env=env or self.env, timeout=90)
         if r.returncode != 0:
-            raise AssertionError(f"mount failed: {r.stderr}\n{log.read_text() if log.exists() else ''}")
+            logged = log.read_text() if log.exists() else ""
+            raise AssertionError(f"mount failed: {r.stderr}\n{logged}")
         assert is_fuse_mount(path)
         return path
 

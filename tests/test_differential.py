@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import random
 import stat
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest

@@ -3,7 +3,6 @@ the Flux examples. Skipped, with the reason, where no ``flux`` command exists.""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path

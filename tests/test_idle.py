@@ -28,7 +28,7 @@ def cpu_share(pids: list[int]) -> list[float]:
     t0 = time.monotonic()
     time.sleep(WINDOW)  # measuring over a window, not synchronising
     elapsed = time.monotonic() - t0
-    return [(cpu_seconds(p) - b) / elapsed for p, b in zip(pids, before)]
+    return [(cpu_seconds(p) - b) / elapsed for p, b in zip(pids, before, strict=True)]
 
 
 @pytest.mark.parametrize("transport", ["ucx", "tcp"])

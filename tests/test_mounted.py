@@ -111,7 +111,8 @@ def test_unlink_and_rename_follow(tmp_path: Path, mounts: Mounts) -> None:
 
 
 # -- open for read ----------------------------------------------------------------------------
-def test_open_of_present_file_reads_locally(shared: tuple[Path, Path, Path], mounts: Mounts) -> None:
+def test_open_of_present_file_reads_locally(shared: tuple[Path, Path, Path],
+                                            mounts: Mounts) -> None:
     prod, cons, backing = shared
     (backing / "input.txt").write_bytes(b"pre-existing input\n")  # not produced through dyadfs
     assert run(["cat", str(cons / "input.txt")]).stdout == b"pre-existing input\n"

@@ -114,7 +114,7 @@ def test_three_nodes_seed_workflow(tmp_path: Path, mounts: Mounts, netns: dict[s
     for node in ("n2", "n3"):
         st = mounts.status(dirs[node])
         assert st["pulled"] == 11 and st["address"].startswith(NODES[node] + ":")
-    for node, d in dirs.items():
+    for d in dirs.values():
         mounts.umount(d)
     for node in ("n2", "n3"):  # the pulled frames stay in each node's own directory
         assert len(list((dirs[node] / "group0").glob("a4md_chunk*.dat"))) == 10

@@ -91,7 +91,7 @@ class KVS(abc.ABC):
         """Background work (change notification); started in the mount's nursery."""
         task_status.started()
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027 - optional for a backend
         """Release everything; idempotent."""
 
 

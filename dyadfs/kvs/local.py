@@ -17,9 +17,9 @@ from __future__ import annotations
 import math
 import os
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import inotify_simple
 import trio
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from ..config import Config
 
 SAFETY_RECHECK = 5.0
+T = TypeVar("T")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS namespaces (ns TEXT PRIMARY KEY, created REAL NOT NULL);
@@ -97,8 +98,8 @@ class LocalKVS(KVS):
     def from_config(cls, config: Config) -> LocalKVS:
         return cls(config.kvs_path)
 
-    async def _call(self, fn, *args):  # type: ignore[no-untyped-def]
-        def guarded():  # type: ignore[no-untyped-def]
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        def guarded() -> T:
             try:
                 return fn(*args)
             except sqlite3.Error as e:

@@ -40,7 +40,7 @@ class Transport(abc.ABC):
     async def fetch(self, address: str, request: Request, sink: Sink) -> None:
         """Fetch *request* from *address* into *sink*; raises FetchError (or OSError)."""
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027 - optional for a transport
         """Stop serving; idempotent."""
 
 
@@ -84,7 +84,8 @@ def load(name: str) -> type[Transport]:
     except ImportError as e:
         if name == "ucx":
             raise ConfigError(f"--transport ucx: UCXX cannot be imported ({e}); install it with "
-                              "pip install 'dyadfs[ucx]' (ucxx-cu12), or use --transport tcp")
+                              "pip install 'dyadfs[ucx]' (ucxx-cu12), or use --transport tcp") \
+                from None
         raise
     cls: type[Transport] = getattr(module, class_name)
     return cls

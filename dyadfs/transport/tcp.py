@@ -17,8 +17,16 @@ import trio
 
 from ..errors import FetchError
 from . import Handler, Transport
-from .protocol import CHUNK, MAX_MESSAGE, Request, Sink, header, parse_header, parse_trailer, \
-    trailer
+from .protocol import (
+    CHUNK,
+    MAX_MESSAGE,
+    Request,
+    Sink,
+    header,
+    parse_header,
+    parse_trailer,
+    trailer,
+)
 
 log = logging.getLogger(__name__)
 _LEN = struct.Struct("!I")

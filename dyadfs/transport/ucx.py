@@ -214,7 +214,7 @@ class UCXTransport(Transport):
                 while off < size:
                     n = min(CHUNK, size - off)
                     await ep.recv(buf[:n])
-                    view = memoryview(buf)[:n]
+                    view = memoryview(buf.data)[:n]
                     done = 0 if sink.fd >= 0 else n  # fd -1: a raw transfer, discarded
                     while done < n:
                         done += os.pwrite(sink.fd, view[done:], off + done)
