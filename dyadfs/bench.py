@@ -510,8 +510,9 @@ def render(res: dict[str, Any]) -> str:
             lines.append(f"  100 frames, {s['consumers']} consumers: {s['frames_per_s']} frames/s"
                          f" ({s['frames_delivered_per_s']} delivered/s), p50 {s['p50_ms']} ms")
     for kvs, r in res.get("kvs_compare", {}).items():
-        lines.append(f"KVS {kvs}: frame latency p50 {r['frame_latency']['p50_ms']} ms, p99 "
-                     f"{r['frame_latency']['p99_ms']} ms; 16 MiB pull {r['pull_16MiB_MiBps']} MiB/s")
+        f = r["frame_latency"]
+        lines.append(f"KVS {kvs}: frame latency p50 {f['p50_ms']} ms, p99 {f['p99_ms']} ms; "
+                     f"16 MiB pull {r['pull_16MiB_MiBps']} MiB/s")
     return "\n".join(lines)
 
 
