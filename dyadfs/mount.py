@@ -97,6 +97,7 @@ class Mount:
         self.transport: Any = None
         self.puller: Puller | None = None
         self._terminated = False
+        self._kernel_unmounted = False
 
     def status(self) -> dict[str, Any]:
         c = self.config
@@ -169,6 +170,7 @@ class Mount:
             log.info("mounted %s (role %s, namespace %s, kvs %s)", c.mountpoint, c.role,
                      c.namespace, c.kvs)
             await pyfuse3.main()
+            self._kernel_unmounted = not self._terminated
             log.info("unmounted %s", c.mountpoint)
             nursery.cancel_scope.cancel()
 
@@ -212,7 +214,9 @@ class Mount:
             await self.kvs.commit(self.config.namespace, {key: None})
 
     def _close_fuse(self) -> None:
-        pyfuse3.close(unmount=self._terminated)
+        # Unmount unless the kernel already did (dyadfs umount): also when startup failed after
+        # the mount, so that a failed start never leaves a dead mount behind.
+        pyfuse3.close(unmount=not self._kernel_unmounted)
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
@@ -266,6 +270,9 @@ async def _serve_control(mount: Mount, *,
                          task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED) -> None:
     """Answer ``dyadfs status``: a JSON line for every connection."""
     path = info_path(mount.config).with_suffix(".sock")
+    if len(os.fsencode(str(path))) > 100:  # AF_UNIX paths end at 108 bytes
+        digest = hashlib.sha1(os.fsencode(str(path))).hexdigest()[:16]
+        path = Path(f"/tmp/dyadfs-sock-{os.getuid()}") / f"{digest}.sock"
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     _unlink(path)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

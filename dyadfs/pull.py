@@ -24,7 +24,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -281,6 +281,14 @@ class Puller:
                     scope.deadline = trio.current_time() + self.cfg.fetch_timeout
 
                 sink = Sink(pull.fd, lambda n: self._sized(pull, n), arrived)
+                progressed = [False]
+
+                def arrived_here(n: int, arrived: Any = arrived,
+                                 progressed: list[bool] = progressed) -> None:
+                    progressed[0] = True
+                    arrived(n)
+
+                sink.on_progress = arrived_here
                 try:
                     with scope:
                         await transport.fetch(address, req, sink)
@@ -288,7 +296,7 @@ class Puller:
                         raise trio.TooSlowError(f"nothing arrived for {self.cfg.fetch_timeout} s")
                 except (FetchError, OSError, trio.TooSlowError) as e:
                     last = f"{address}: {getattr(e, 'strerror', None) or e or type(e).__name__}"
-                    if pull.received:
+                    if progressed[0]:  # this attempt moved bytes: the owner was alive
                         deadline = trio.current_time() + self.cfg.fetch_timeout
                     if isinstance(e, FetchError) and e.errno == errno.ESTALE:
                         fresh = await self.catalog.get(pull.rel)  # a newer version meanwhile?

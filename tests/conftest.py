@@ -176,9 +176,12 @@ def flux_instance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FluxInst
 
 
 @pytest.fixture
-def kvs_backend() -> str:
-    """Which KVS the mounts use; test modules override this to run over both."""
-    return "local"
+def kvs_backend(request: pytest.FixtureRequest) -> str:
+    """Which KVS the mounts use: local, unless a test parametrizes it (``BOTH_KVS``)."""
+    backend = str(getattr(request, "param", "local"))
+    if backend == "flux" and not FLUX_OK:
+        pytest.skip("no flux command: flux-core is not installed (Flux tests skipped)")
+    return backend
 
 
 @pytest.fixture
@@ -220,6 +223,9 @@ def kvs_get(mounts: Mounts, ns: str, key: str) -> bytes | None:
         finally:
             await local.aclose()
     return trio.run(get)
+
+
+BOTH_KVS = ["local", pytest.param("flux", marks=pytest.mark.flux)]
 
 
 def both_kvs(request: pytest.FixtureRequest) -> str:

@@ -21,15 +21,11 @@ from dyadfs.errors import FetchError
 from dyadfs.transport.protocol import Request, Sink
 from dyadfs.transport.tcp import TCPTransport
 
-from .conftest import Mounts, both_kvs, run, wait_for
+from .conftest import BOTH_KVS, Mounts, run, wait_for
 
 pytestmark = pytest.mark.mounted
 NS = "pull"
 
-
-@pytest.fixture(params=["local", pytest.param("flux", marks=pytest.mark.flux)])
-def kvs_backend(request: pytest.FixtureRequest) -> str:
-    return both_kvs(request)
 TRANSPORTS = ["ucx", "tcp"]
 
 
@@ -77,6 +73,7 @@ def test_pull_large_file_streams_and_is_identical(tmp_path: Path, mounts: Mounts
     assert out.strip() == b"499500.0"
 
 
+@pytest.mark.parametrize("kvs_backend", BOTH_KVS, indirect=True)
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_versions_refresh_and_current_copy_is_not_pulled_again(
         tmp_path: Path, mounts: Mounts, transport: str) -> None:
@@ -97,6 +94,7 @@ def test_versions_refresh_and_current_copy_is_not_pulled_again(
     assert run(["dd", f"if={cons}/g/f", "bs=1", "skip=1", "status=none"]).stdout == b"2"
 
 
+@pytest.mark.parametrize("kvs_backend", BOTH_KVS, indirect=True)
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_owner_gone_fails_with_eio_then_recovers(tmp_path: Path, mounts: Mounts,
                                                  transport: str) -> None:
@@ -178,7 +176,6 @@ def _registry(mounts: Mounts) -> dict[str, keys.MountRecord]:
     return out
 
 
-@pytest.mark.parametrize("kvs_backend", ["local"], indirect=True)  # forges embedded-KVS records
 def test_hostile_fetch_requests_are_refused(tmp_path: Path, mounts: Mounts) -> None:
     prod, cons = pair(tmp_path, mounts, "tcp")
     outside = tmp_path / "outside.txt"

@@ -10,7 +10,7 @@ ns=${NS:-dyad_md_example}
 frames=${FRAMES:-10}
 prod=${PROD_DIR:-/tmp/md_prod}
 cons=${CONS_DIR:-/tmp/md_cons}
-dyadfs=${DYADFS:-dyadfs}
+dyadfs=${DYADFS:-$(command -v dyadfs || echo "python3 -m dyadfs")}
 
 flux kvs namespace remove "$ns" 2>/dev/null || true
 flux kvs namespace create "$ns"

@@ -9,7 +9,7 @@ here=$(cd "$(dirname "$0")/../md_workflow" && pwd)
 ns=${NS:-dyad_md_example_shared}
 frames=${FRAMES:-10}
 shared=${SHARED_DIR:-/tmp/md_shared}
-dyadfs=${DYADFS:-dyadfs}
+dyadfs=${DYADFS:-$(command -v dyadfs || echo "python3 -m dyadfs")}
 
 flux kvs namespace remove "$ns" 2>/dev/null || true
 flux kvs namespace create "$ns"

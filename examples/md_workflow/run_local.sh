@@ -10,7 +10,7 @@ frames=${FRAMES:-10}
 atoms=${ATOMS:-200}
 prod=${PROD_DIR:-/tmp/md_prod}
 cons=${CONS_DIR:-/tmp/md_cons}
-dyadfs=${DYADFS:-dyadfs}
+dyadfs=${DYADFS:-$(command -v dyadfs || echo "python3 -m dyadfs")}
 transport=${TRANSPORT:-ucx}
 
 for d in "$prod" "$cons"; do rm -rf "$d" && mkdir -p "$d"; done

@@ -8,7 +8,7 @@ ns=${NS:-dyad_md_example}
 frames=${FRAMES:-10}
 atoms=${ATOMS:-200}
 shared=${SHARED_DIR:-/tmp/md_shared}
-dyadfs=${DYADFS:-dyadfs}
+dyadfs=${DYADFS:-$(command -v dyadfs || echo "python3 -m dyadfs")}
 
 rm -rf "$shared" && mkdir -p "$shared"
 trap '$dyadfs umount "$shared" 2>/dev/null || true' EXIT
