@@ -246,25 +246,19 @@ def test_hostile_fetch_requests_are_refused(tmp_path: Path, mounts: Mounts) -> N
     assert run(["cat", str(cons / "d/pub")]).stdout == b"ok"  # the owner still serves
 
 
-def test_ucx_missing_is_a_one_line_error(tmp_path: Path, state_env: dict[str, str]) -> None:
+@pytest.mark.parametrize("module,option,needle", [
+    ("ucxx", ["--transport", "ucx"], "--transport tcp"),
+    ("flux", ["--kvs", "flux"], "flux-python"),
+])
+def test_missing_optional_module_is_a_one_line_error(tmp_path: Path, state_env: dict[str, str],
+                                                     module: str, option: list[str],
+                                                     needle: str) -> None:
     (tmp_path / "m").mkdir()
-    code = ("import sys, runpy; sys.modules['ucxx'] = None; sys.argv = ['dyadfs', 'mount', "
-            f"{str(tmp_path / 'm')!r}, '--transport', 'ucx', '--foreground']; "
+    code = (f"import sys, runpy; sys.modules[{module!r}] = None; sys.argv = ['dyadfs', "
+            f"'mount', {str(tmp_path / 'm')!r}, *{option!r}, '--foreground']; "
             "runpy.run_module('dyadfs', run_name='__main__')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env=state_env, timeout=60)
-    assert r.returncode != 0 and "--transport tcp" in r.stderr and "Traceback" not in r.stderr
-    assert not os.path.ismount(tmp_path / "m")
-
-
-def test_missing_flux_module_is_a_one_line_error(tmp_path: Path,
-                                                 state_env: dict[str, str]) -> None:
-    (tmp_path / "m").mkdir()
-    code = ("import sys, runpy; sys.modules['flux'] = None; sys.argv = ['dyadfs', 'mount', "
-            f"{str(tmp_path / 'm')!r}, '--kvs', 'flux', '--foreground']; "
-            "runpy.run_module('dyadfs', run_name='__main__')")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       env=state_env, timeout=60)
-    assert r.returncode != 0 and "flux-python" in r.stderr and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    assert r.returncode != 0 and needle in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not os.path.ismount(tmp_path / "m")
