@@ -362,7 +362,6 @@ class Operations(pyfuse3.Operations):
         handle = self._handles.get(fh) if fh is not None else None
         rel = self._rel(node)
         target: int | bytes = handle.fd if handle is not None else rel
-        at = {} if handle is not None else {"dir_fd": self.root_fd}
         if fields.update_size:
             if handle is not None:
                 os.truncate(handle.fd, attr.st_size)
@@ -396,7 +395,6 @@ class Operations(pyfuse3.Operations):
                 os.utime(target, ns=ns)
             else:
                 os.utime(rel, ns=ns, dir_fd=self.root_fd, follow_symlinks=False)
-        del at
         if (fields.update_mode or fields.update_mtime) and not fields.update_size and \
                 self.cfg.publishes and self.catalog is not None and \
                 not (handle is not None and handle.written):

@@ -236,8 +236,9 @@ class Puller:
             error = FetchError(f"{e.strerror or e}", e.errno or errno.EIO)
         finally:
             self.stats.pulling -= 1
-            if error is not None or not pull.done:
-                try:
+            if error is not None or pull.rel not in self._versions or \
+                    self._versions[pull.rel] != pull.rec.version:
+                try:  # not installed: the temporary file goes
                     os.unlink(pull.tmp, dir_fd=self.root_fd)
                 except FileNotFoundError:
                     pass

@@ -24,7 +24,7 @@ import logging
 import mmap
 import os
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 import numpy as np
@@ -243,7 +243,3 @@ class UCXTransport(Transport):
         finally:
             await trio.to_thread.run_sync(self._ucx.stop)
 
-
-def raw_transfer_fn() -> Callable[..., Any]:
-    """For ``dyadfs bench``: the UCX loop class, to time raw transfers beside dyadfs."""
-    return _Loop
