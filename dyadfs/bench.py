@@ -237,7 +237,8 @@ def frame_latency(prod: Path, cons: Path, n: int, subdir: str) -> dict[str, Any]
     t.join(60)
     if errors or len(done) != n:
         raise UsageError(f"bench: frame latency run failed: {errors[:1] or 'timeout'}")
-    return _ms([done[i] - closes[i] for i in range(n)])
+    lat = [done[i] - closes[i] for i in range(n)]
+    return {**_ms(lat), "samples_ms": [round(x * 1e3, 3) for x in lat]}
 
 
 def frames_per_second(prods: Path, conss: list[Path], n: int, subdir: str) -> dict[str, Any]:
@@ -370,6 +371,39 @@ def bench_write(prod: Path, prod_backing: Path, size: int, count: int) -> dict[s
     return res
 
 
+def _open_read_times(paths: list[Path]) -> list[float]:
+    out = []
+    for path in paths:
+        t0 = time.perf_counter()
+        with open(path, "rb") as f:
+            f.read()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def bench_prefetch(m: Mounts, prod: Path, pf: Path, pf_backing: Path, cons: Path,
+                   n: int) -> dict[str, Any]:
+    """open+read of published frames on a --prefetch mount, beside the same open+read of a
+    file already here (through the mount, and on its backing), and an on-demand pull."""
+    (prod / "pf").mkdir()
+    data = os.urandom(FRAME)
+    for i in range(n):
+        (prod / "pf" / f"f{i}").write_bytes(data)
+    deadline = time.monotonic() + 120
+    while m.control(pf)["prefetched"] < n:
+        if time.monotonic() > deadline:
+            raise UsageError("bench: the prefetching mount did not pull every frame in 120 s")
+        time.sleep(0.01)
+    names = [Path("pf") / f"f{i}" for i in range(n)]
+    first = _open_read_times([pf / p for p in names])  # prefetched, never opened
+    again = _open_read_times([pf / p for p in names])  # here, opened before
+    backing = _open_read_times([pf_backing / p for p in names])
+    pulled = _open_read_times([cons / p for p in names])  # no prefetch: pulled at the open
+    return {"frame_bytes": FRAME, "prefetched": _ms(first), "local_mount": _ms(again),
+            "local_backing": _ms(backing), "on_demand_pull": _ms(pulled),
+            "ratio_to_local": round(_pct(first, 50) / _pct(again, 50), 2)}
+
+
 def bench_kvs_compare(base: Path, env: dict[str, str], transport: str,
                       nlat: int) -> dict[str, Any]:
     """Under Flux: frame latency and a 16 MiB pull on the Flux KVS beside the embedded one."""
@@ -390,8 +424,21 @@ def bench_kvs_compare(base: Path, env: dict[str, str], transport: str,
 
 
 # -- the whole run --------------------------------------------------------------------------------
+def _consumer_counts(k: int) -> list[int]:
+    """1, 2, 4, ... up to *k*, and *k* itself."""
+    out, c = [], 1
+    while c < k:
+        out.append(c)
+        c *= 2
+    return [*out, k]
+
+
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     quick = bool(args.quick)
+    if args.frames is not None and args.frames < 2:
+        raise UsageError(f"--frames: at least 2, got {args.frames}")
+    if args.consumers is not None and not 1 <= args.consumers <= 16:
+        raise UsageError(f"--consumers: from 1 to 16, got {args.consumers}")
     sizes = [int(float(s) * MiB) for s in (args.sizes or ([1, 16, 64] if quick
                                                           else [1, 16, 64, 256]))]
     nlat = args.frames or (100 if quick else 300)
@@ -423,13 +470,15 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 r["write"] = bench_write(prod, prod_b, 16 * MiB, 4 if quick else 16)
                 r["write_1MiB"] = bench_write(prod, prod_b, MiB, 32 if quick else 128)
                 r["metadata"] = bench_metadata(prod, prod_b, 200 if quick else 1000)
+                pf, pf_b = m.mount("pf", "--role", "consumer", "--prefetch", *ns)
+                r["prefetch"] = bench_prefetch(m, prod, pf, pf_b, cons, nlat)
                 scaling_frames = []
                 for n in ([10, 100, 1000] if quick else [10, 100, 1000, 10000]):
                     scaling_frames.append(frames_per_second(prod, [cons], n, f"sf{n}"))
                 r["scaling_frames"] = scaling_frames
                 scaling_cons = []
                 extra = [cons]
-                for k in ([1, 2] if quick else [1, 2, 4]):
+                for k in _consumer_counts(args.consumers or (2 if quick else 4)):
                     while len(extra) < k:
                         c, _ = m.mount(f"cons{len(extra)}", "--role", "consumer", *ns)
                         extra.append(c)
@@ -493,6 +542,12 @@ def render(res: dict[str, Any]) -> str:
             ratio = p["dyadfs_MiBps"] / p["ucx_raw_MiBps"] if p["ucx_raw_MiBps"] else 0
             lines.append(f"{p['size_bytes'] // MiB:>6}Mi {p['dyadfs_MiBps']:>13} "
                          f"{p['ucx_raw_MiBps']:>10} {ratio:>6.2f} {p['local_copy_MiBps']:>15}")
+        pf = r["prefetch"]
+        lines.append(f"--prefetch: open+read of a prefetched frame {pf['prefetched']['p50_ms']} ms "
+                     f"p50 ({pf['ratio_to_local']}x a local file through the mount, "
+                     f"{pf['local_mount']['p50_ms']} ms; backing {pf['local_backing']['p50_ms']}"
+                     f" ms); without prefetch (pulled at the open) "
+                     f"{pf['on_demand_pull']['p50_ms']} ms")
         rd, wr, w1 = r["read"], r["write"], r["write_1MiB"]
         lines.append(f"read of a pulled {rd['size_bytes'] // MiB} MiB file: mount "
                      f"{rd['mount_MiBps']} MiB/s, backing {rd['backing_MiBps']} MiB/s")
@@ -523,15 +578,33 @@ def plot(res: dict[str, Any], path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise UsageError("--plot needs matplotlib: pip install 'dyadfs[plot]'") from None
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (ax, lx) = plt.subplots(1, 2, figsize=(12, 4.5))
     for name, r in res["transports"].items():
         xs = [p["size_bytes"] / MiB for p in r["pull"]]
         ax.plot(xs, [p["dyadfs_MiBps"] for p in r["pull"]], "o-", label=f"dyadfs ({name})")
         ax.plot(xs, [p["ucx_raw_MiBps"] for p in r["pull"]], "x--", label=f"raw {name}")
+    if res["transports"]:
+        r0 = next(iter(res["transports"].values()))
+        ax.plot([p["size_bytes"] / MiB for p in r0["pull"]],
+                [p["local_copy_MiBps"] for p in r0["pull"]], "s:", label="local copy")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("file size (MiB)")
     ax.set_ylabel("MiB/s")
+    ax.set_title("pull throughput")
     ax.legend()
+    curves = {f"node-local ({n})": r["frame_latency"].get("samples_ms", [])
+              for n, r in res["transports"].items()}
+    curves["shared storage"] = res["frame_latency_baselines"]["shared_storage"] \
+        .get("samples_ms", [])
+    for label, samples in curves.items():
+        if samples:
+            xs = sorted(samples)
+            lx.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=label)
+    lx.set_xscale("log")
+    lx.set_xlabel(f"frame latency, close() to open+read done (ms, {FRAME} B frames)")
+    lx.set_ylabel("fraction of frames")
+    lx.set_title("frame latency distribution")
+    lx.legend()
     fig.tight_layout()
     fig.savefig(path)
 

@@ -157,6 +157,15 @@ class Catalog:
                     out[os.fsencode(rest)] = rec
         return out
 
+    async def published_files(self) -> list[bytes]:
+        """Every path published complete in the namespace."""
+        out = []
+        for key, raw in (await self.kvs.list_prefix(self.ns, keys.FILES)).items():
+            rec = self._decode(raw, key)
+            if rec is not None and rec.complete:
+                out.append(os.fsencode(key[len(keys.FILES):]))
+        return out
+
     async def is_directory(self, rel: bytes) -> bool:
         """Whether anything is published below *rel*."""
         prefix = _key_of(rel) + "/"

@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="keep the files in PATH instead of DIR itself")
     m.add_argument("--cache-size", metavar="BYTES",
                    help="bound the pulled copies (LRU; e.g. 512M, 4G)")
+    m.add_argument("--prefetch", action="store_const", const=True,
+                   help="pull every publication as soon as it appears (bounded by "
+                   "--cache-size)")
     m.add_argument("--wait-timeout", metavar="SECONDS",
                    help="fail a waiting open with ETIMEDOUT after this long (default: forever)")
     m.add_argument("--wait-on-stat", action="store_const", const=True,
@@ -95,13 +98,15 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--plot", metavar="FILE.png", help="draw throughput against size")
     b.add_argument("--sizes", nargs="+", metavar="MiB", help="pull sizes (default 1 16 64 256)")
     b.add_argument("--frames", type=int, help="frames in the latency runs")
+    b.add_argument("--consumers", type=int, metavar="K",
+                   help="scale up to K consumer mounts (default 4; 2 with --quick)")
     b.add_argument("--transport", choices=config_mod.TRANSPORTS, help="only this transport")
     b.add_argument("--dir", metavar="PATH", help="where to make the bench's directories "
                    "(default: the temporary directory)")
     return p
 
 
-_MOUNT_OPTIONS = ("role", "namespace", "shared_storage", "backing", "cache_size",
+_MOUNT_OPTIONS = ("role", "namespace", "shared_storage", "backing", "cache_size", "prefetch",
                   "wait_timeout", "wait_on_stat", "fetch_timeout", "kvs", "transport", "listen",
                   "verify", "ucx_threshold", "async_publish", "foreground", "log",
                   "debug")
@@ -298,3 +303,5 @@ def _print_status(st: dict[str, Any]) -> None:
     print(f"  published {st['published']}, waiting {st['waiting']}, pulled {st['pulled']} "
           f"({st['bytes_pulled']} B), served {st['served']} ({st['bytes_served']} B), "
           f"timeouts {st['wait_timeouts']}, errors {st['errors']}")
+    if st.get("prefetch"):
+        print(f"  prefetch on: prefetched {st['prefetched']}, queued {st['prefetch_pending']}")

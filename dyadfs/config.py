@@ -41,6 +41,7 @@ class Config:
     shared_storage: bool = False
     backing: Path | None = None
     cache_size: int | None = None
+    prefetch: bool = False
     wait_timeout: float | None = None
     wait_on_stat: bool = False
     fetch_timeout: float = 10.0
@@ -79,6 +80,7 @@ _FIELDS: dict[str, tuple[str, str | None, str]] = {
     "shared_storage": ("DYADFS_SHARED_STORAGE", "DYAD_SHARED_STORAGE", "bool"),
     "backing": ("DYADFS_BACKING", None, "path"),
     "cache_size": ("DYADFS_CACHE_SIZE", None, "size"),
+    "prefetch": ("DYADFS_PREFETCH", None, "bool"),
     "wait_timeout": ("DYADFS_WAIT_TIMEOUT", None, "seconds"),
     "wait_on_stat": ("DYADFS_WAIT_ON_STAT", None, "bool"),
     "fetch_timeout": ("DYADFS_FETCH_TIMEOUT", None, "seconds"),
@@ -201,6 +203,12 @@ def build(mountpoint: str | os.PathLike[str], options: Mapping[str, Any] | None 
     backing = values.get("backing")
     if backing is not None:
         values["backing"] = Path(os.path.abspath(backing))
+    if values.get("prefetch"):
+        if values["role"] == "producer":
+            raise ConfigError("--prefetch: a producer mount pulls nothing (use --role consumer "
+                              "or both)")
+        if values.get("shared_storage"):
+            raise ConfigError("--prefetch: with --shared-storage there is nothing to pull")
     return Config(**values)
 
 

@@ -71,6 +71,7 @@ class Stats:
     waits_done: int = 0
     wait_timeouts: int = 0
     pulled: int = 0
+    prefetched: int = 0
     pulling: int = 0
     bytes_pulled: int = 0
     served: int = 0

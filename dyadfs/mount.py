@@ -30,6 +30,7 @@ from .errors import ConfigError, FetchError, KVSError, UsageError
 from .fs import Operations, Stats
 from .keys import MountRecord
 from .kvs import KVS, open_kvs
+from .prefetch import Prefetcher
 from .pull import FileServer, Puller
 from .transport import Transport, default_host
 from .transport import load as load_transport
@@ -96,6 +97,7 @@ class Mount:
         self.kvs: KVS | None = None
         self.transport: Any = None
         self.puller: Puller | None = None
+        self.prefetcher: Prefetcher | None = None
         self._terminated = False
         self._kernel_unmounted = False
 
@@ -113,6 +115,8 @@ class Mount:
             "started": self.started,
             "published": s.published, "waiting": s.waiting, "waits_done": s.waits_done,
             "wait_timeouts": s.wait_timeouts, "pulled": s.pulled, "pulling": s.pulling,
+            "prefetch": c.prefetch, "prefetched": s.prefetched,
+            "prefetch_pending": None if self.prefetcher is None else self.prefetcher.pending,
             "bytes_pulled": s.bytes_pulled, "served": s.served,
             "bytes_served": s.bytes_served, "errors": s.errors,
             "unexpected_errors": s.unexpected,
@@ -154,6 +158,9 @@ class Mount:
             ops.attach(nursery)
             if puller is not None:
                 puller.is_open = ops.is_open
+                if c.prefetch:
+                    self.prefetcher = Prefetcher(c, root_fd, catalog, puller)
+                    await nursery.start(self.prefetcher.run)
             options = {"fsname=dyadfs", "subtype=dyadfs", "default_permissions"}
             if os.geteuid() == 0:
                 options.add("allow_other")

@@ -11,7 +11,8 @@ Invariants (what a crash or a failure can and cannot leave behind):
 - A pulled copy remembers its version (an extended attribute, and in memory), so a current copy
   is not pulled again and a stale one is.
 - ``--cache-size`` evicts the least recently used pulled copies; never a file this node produced,
-  never one that is open or being pulled.
+  never one that is open or being pulled. A prefetched copy nobody has opened yet goes only when
+  an open needs the room; a prefetch never evicts one (see prefetch.py).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class Pull:
         self.received = 0
         self.done = False
         self.error: DyadfsError | None = None
+        self.wanted = False  # an open asked for it (else only the prefetcher did)
         self._changed = trio.Event()
 
     def _wake(self) -> None:
@@ -127,6 +129,8 @@ class Puller:
         self._pulls: dict[bytes, Pull] = {}
         self._versions: dict[bytes, int] = {}
         self._lru: collections.OrderedDict[bytes, int] = collections.OrderedDict()
+        self._unread: set[bytes] = set()  # prefetched, not opened since
+        self.on_room: Callable[[], None] | None = None  # the prefetcher's wake-up
         self._nursery: trio.Nursery | None = None
         self._owners: dict[str, MountRecord] = {}
         makedirs_at(root_fd, TMP_DIR)
@@ -160,11 +164,32 @@ class Puller:
     def touch(self, rel: bytes) -> None:
         if rel in self._lru:
             self._lru.move_to_end(rel)
+        if rel in self._unread:
+            self._unread.discard(rel)
+            self._room()
 
     def forget(self, rel: bytes) -> None:
         """*rel* was removed or replaced locally: it is no longer a pulled copy."""
         self._versions.pop(rel, None)
         self._lru.pop(rel, None)
+        self._unread.discard(rel)
+        self._room()
+
+    def _room(self) -> None:
+        if self.on_room is not None:
+            self.on_room()
+
+    def room_for(self, size: int) -> bool:
+        """Whether a prefetch of *size* bytes fits under --cache-size, counting what eviction
+        may remove (copies already read and not open) as free."""
+        limit = self.cfg.cache_size
+        if limit is None:
+            return True
+        kept = sum(p.rec.size for p in self._pulls.values() if not p.done)
+        for rel, n in self._lru.items():
+            if rel in self._unread or self.is_open(rel):
+                kept += n
+        return kept + size <= limit
 
     def active(self, rel: bytes) -> Pull | None:
         pull = self._pulls.get(rel)
@@ -176,7 +201,12 @@ class Puller:
         pull = await self.start(rel, rec)
         await pull.wait_done()
 
-    async def start(self, rel: bytes, rec: FileRecord) -> Pull:
+    async def prefetch(self, rel: bytes, rec: FileRecord) -> None:
+        """Pull *rel* for nobody yet (``--prefetch``)."""
+        pull = await self.start(rel, rec, wanted=False)
+        await pull.wait_done()
+
+    async def start(self, rel: bytes, rec: FileRecord, wanted: bool = True) -> Pull:
         """Start (or join) the pull of *rel*; returns once its size is known."""
         pull = self._pulls.get(rel)
         if pull is None or (pull.done and pull.error is not None) or \
@@ -187,6 +217,9 @@ class Puller:
             self._pulls[rel] = pull
             assert self._nursery is not None
             self._nursery.start_soon(self._run, pull)
+        if wanted:
+            pull.wanted = True
+            self.touch(rel)
         await pull.wait_started()
         return pull
 
@@ -249,13 +282,18 @@ class Puller:
             self.stats.errors += 1
             log.error("pull of %s failed: %s", show(rel), error)
             pull.finish(FetchError(str(error), errno.EIO))
+            self._room()
             return
         self.stats.pulled += 1
         self.stats.bytes_pulled += pull.rec.size
+        if not pull.wanted:
+            self.stats.prefetched += 1
+            self._unread.add(rel)
         log.debug("pulled %s (%d B) in %.3f s", show(rel), pull.rec.size,
                   time.monotonic() - t0)
         pull.finish(None)
         self._evict()
+        self._room()
 
     async def _transfer(self, pull: Pull) -> None:
         """Fetch until complete, retrying a dead or refusing owner until --fetch-timeout."""
@@ -357,18 +395,23 @@ class Puller:
         if limit is None:
             return
         total = sum(self._lru.values())
-        for rel in list(self._lru):
-            if total <= limit:
-                break
-            if self.is_open(rel) or self.active(rel) is not None:
-                continue
-            try:
-                os.unlink(rel, dir_fd=self.root_fd)
-            except FileNotFoundError:
-                pass
-            total -= self._lru.pop(rel)
-            self._versions.pop(rel, None)
-            log.info("evicted %s (cache over %d bytes)", show(rel), limit)
+        # Copies that were read go first (LRU); prefetched ones nobody opened yet only if
+        # that is not enough (an open needed the room).
+        for spare_unread in (True, False):
+            for rel in list(self._lru):
+                if total <= limit:
+                    return
+                if self.is_open(rel) or self.active(rel) is not None or \
+                        (spare_unread and rel in self._unread):
+                    continue
+                try:
+                    os.unlink(rel, dir_fd=self.root_fd)
+                except FileNotFoundError:
+                    pass
+                total -= self._lru.pop(rel)
+                self._versions.pop(rel, None)
+                self._unread.discard(rel)
+                log.info("evicted %s (cache over %d bytes)", show(rel), limit)
 
 
 class FileServer:

@@ -242,3 +242,28 @@ def run(cmd: list[str] | str, timeout: float = 60, check: bool = True,
     if check and r.returncode != 0:
         raise AssertionError(f"{cmd} failed ({r.returncode}): {r.stderr.decode(errors='replace')}")
     return r
+
+
+class FeedLog:
+    """Collects a KVS change feed (``kvs.follow(ns, feed)``) so that a test can wait on it."""
+
+    def __init__(self) -> None:
+        import trio
+        self.got: list[list[str] | None] = []
+        self._event = trio.Event()
+
+    def __call__(self, keys: list[str] | None) -> None:
+        import trio
+        self.got.append(keys)
+        self._event.set()
+        self._event = trio.Event()
+
+    def keys(self, skip: int = 1) -> list[str]:
+        return [k for batch in self.got[skip:] for k in (batch or [])]
+
+    async def until(self, count: int, skip: int = 1) -> None:
+        """Until *count* batches came, or *count* keys after the first *skip* batches."""
+        import trio
+        with trio.fail_after(20):
+            while len(self.got) < count if skip < 0 else len(self.keys(skip)) < count:
+                await self._event.wait()

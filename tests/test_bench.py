@@ -24,7 +24,8 @@ def positive(x: object) -> bool:
 def test_bench_quick_json(tmp_path: Path, state_env: dict[str, str]) -> None:
     out = tmp_path / "out.json"
     r = subprocess.run([sys.executable, "-m", "dyadfs", "bench", "--quick", "--transport", "tcp",
-                        "--sizes", "1", "4", "--frames", "20", "--json", str(out),
+                        "--sizes", "1", "4", "--frames", "20", "--consumers", "3",
+                        "--json", str(out),
                         "--dir", str(tmp_path)],
                        capture_output=True, text=True, env=state_env, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -46,7 +47,21 @@ def test_bench_quick_json(tmp_path: Path, state_env: dict[str, str]) -> None:
     k = res["kvs"]["wake_latency"]
     assert positive(k["p50_ms"]) and k["n"] > 0
     assert res["transports"]["tcp"]["consumer_errors"] == 0
-    assert [s["consumers"] for s in res["transports"]["tcp"]["scaling_consumers"]] == [1, 2]
+    assert [s["consumers"] for s in res["transports"]["tcp"]["scaling_consumers"]] == [1, 2, 3]
+    assert len(f["samples_ms"]) == 20 and all(positive(x) for x in f["samples_ms"])
+    pf = res["transports"]["tcp"]["prefetch"]
+    for k in ("prefetched", "local_mount", "local_backing", "on_demand_pull"):
+        assert pf[k]["n"] == 20 and positive(pf[k]["p50_ms"])
+    assert positive(pf["ratio_to_local"])
+    assert "--prefetch: open+read of a prefetched frame" in r.stdout
     # it removed its directories and left no mount behind
     assert not list(tmp_path.glob("dyadfs-bench-*"))
     assert "dyadfs-bench" not in Path("/proc/mounts").read_text()
+
+
+@pytest.mark.parametrize("args, message", [(["--frames", "1"], "--frames"),
+                                           (["--consumers", "0"], "--consumers")])
+def test_bench_bad_option(args: list[str], message: str, state_env: dict[str, str]) -> None:
+    r = subprocess.run([sys.executable, "-m", "dyadfs", "bench", *args], capture_output=True,
+                       text=True, env=state_env, timeout=60)
+    assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr

@@ -3,6 +3,7 @@ the Flux examples. Skipped, with the reason, where no ``flux`` command exists.""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 from dyadfs.keys import MountRecord, dyad_key, mount_key
 
-from .conftest import FLUX_OK, FUSE_OK, FluxInstance, Mounts, kvs_get, run
+from .conftest import FLUX_OK, FUSE_OK, FeedLog, FluxInstance, Mounts, kvs_get, run
 
 pytestmark = [pytest.mark.flux, pytest.mark.mounted,
               pytest.mark.skipif(not FLUX_OK, reason="no flux command: flux-core is not "
@@ -76,3 +77,31 @@ def test_flux_examples(tmp_path: Path, state_env: dict[str, str], script: str) -
 
 def test_flux_instance_serves_both_ranks(flux_instance: FluxInstance) -> None:
     assert len(flux_instance.uris) == 2 and flux_instance.uris[0] != flux_instance.uris[1]
+
+
+def test_flux_change_feed(flux_instance: FluxInstance) -> None:
+    import trio
+
+    from dyadfs.kvs.flux import FluxKVS
+
+    ns = f"feed-{os.getpid()}"
+
+    async def main() -> FeedLog:
+        writer = FluxKVS(flux_instance.uris[0])
+        reader = FluxKVS(flux_instance.uris[1])  # another broker: another node
+        await writer.ensure_namespace(ns)
+        await writer.commit(ns, {"files/early": b"0"})
+        feed = FeedLog()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader.follow, ns, feed)
+            await feed.until(1, skip=-1)
+            await writer.commit(ns, {"files/g/x": b"1", "mounts/m": b"{}"})
+            await writer.commit(ns, {"files/g/y": b"2", "files/early": None})
+            await feed.until(3)
+            nursery.cancel_scope.cancel()
+        await writer.remove_namespace(ns)
+        return feed
+
+    feed = trio.run(main)
+    assert feed.got[0] == ["files/early"]  # the first answer is the whole feed so far
+    assert feed.keys() == ["files/g/x", "files/g/y", "files/early"]

@@ -13,6 +13,8 @@ import trio
 from dyadfs.errors import KVSError, WaitTimeout
 from dyadfs.kvs.local import LocalKVS
 
+from .conftest import FeedLog
+
 
 def run_with(path: Path, fn):  # type: ignore[no-untyped-def]
     async def main():  # type: ignore[no-untyped-def]
@@ -83,6 +85,8 @@ def test_waiter_wakes_on_commit_by_another_process(tmp_path: Path) -> None:
     script = textwrap.dedent(f"""
         import trio
         from dyadfs.kvs.local import LocalKVS
+
+from .conftest import FeedLog
         async def main():
             kvs = LocalKVS({str(db)!r})
             await kvs.commit("a", {{"files/late": b"here"}})
@@ -119,6 +123,8 @@ def test_an_idle_waiter_costs_no_cpu(tmp_path: Path) -> None:
     script = textwrap.dedent(f"""
         import resource, trio
         from dyadfs.kvs.local import LocalKVS
+
+from .conftest import FeedLog
         from dyadfs.errors import WaitTimeout
         async def main():
             kvs = LocalKVS({str(tmp_path / 'kvs.sqlite')!r})
@@ -145,3 +151,63 @@ def test_malformed_database_is_a_clear_error(tmp_path: Path) -> None:
     bad.write_bytes(b"this is not a database" * 100)
     with pytest.raises(KVSError, match="cannot open the embedded KVS"):
         LocalKVS(bad)
+
+
+def test_change_feed_in_commit_order_per_namespace(tmp_path: Path) -> None:
+    async def body(kvs: LocalKVS) -> None:
+        await kvs.commit("a", {"files/before": b"0"})
+        feed = FeedLog()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kvs.follow, "a", feed)
+            await feed.until(1, skip=-1)
+            assert feed.got == [None]  # what came before: rescan
+            await kvs.commit("a", {"files/x": b"1", "mounts/m": b"{}"})  # only files/ keys
+            await kvs.commit("b", {"files/other-namespace": b"1"})
+            await kvs.commit("a", {"files/d/y": b"2", "files/x": None})
+            await feed.until(3)
+            assert feed.keys() == ["files/x", "files/d/y", "files/x"]
+            nursery.cancel_scope.cancel()
+    run_with(tmp_path / "kvs.sqlite", body)
+
+
+def test_change_feed_cut_behind_a_follower_asks_for_a_rescan(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dyadfs.kvs.local as local
+    monkeypatch.setattr(local, "FEED_KEEP", 5)
+    monkeypatch.setattr(local, "FEED_BATCH", 4)
+
+    async def body(kvs: LocalKVS) -> None:
+        cursor = 0
+        for i in range(12):  # the feed is cut every 4 entries to the last 5
+            await kvs.commit("a", {f"files/f{i}": b"1"})
+        cursor, keys, _ = kvs._feed_after("a", cursor)
+        assert keys is None  # entries after 0 were cut: the follower must rescan
+        cursor, keys, _ = kvs._feed_after("a", cursor)
+        assert keys == []  # and then follows from the top
+        await kvs.commit("a", {"files/new": b"1"})
+        cursor, keys, _ = kvs._feed_after("a", cursor)
+        assert keys == ["files/new"]
+    run_with(tmp_path / "kvs.sqlite", body)
+
+
+def test_schema_1_database_is_upgraded(tmp_path: Path) -> None:
+    import sqlite3
+    path = tmp_path / "kvs.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+        CREATE TABLE namespaces (ns TEXT PRIMARY KEY, created REAL NOT NULL);
+        CREATE TABLE kv (ns TEXT NOT NULL, key BLOB NOT NULL, value BLOB NOT NULL,
+                         PRIMARY KEY (ns, key)) WITHOUT ROWID;
+        INSERT INTO meta VALUES ('schema', '1');
+        INSERT INTO kv VALUES ('a', CAST('files/old' AS BLOB), CAST('v' AS BLOB));
+    """)
+    db.close()
+
+    async def body(kvs: LocalKVS) -> None:
+        assert await kvs.get("a", "files/old") == b"v"  # kept
+        await kvs.commit("a", {"files/new": b"w"})
+        assert kvs._feed_after("a", 0)[1] == ["files/new"]
+    run_with(path, body)
+    assert sqlite3.connect(path).execute("SELECT v FROM meta WHERE k='schema'").fetchone() \
+        == ("2",)

@@ -73,6 +73,13 @@ class KVS(abc.ABC):
         through trio: a cancelled wait leaves nothing behind.
         """
 
+    @abc.abstractmethod
+    async def follow(self, ns: str, on_change: Callable[[list[str] | None], None]) -> None:
+        """Call *on_change* with the ``files/`` keys of *ns* that commits change, in commit
+        order, from now until cancelled (a key may come more than once). ``None`` means
+        "anything may have changed": the follower rescans (at the start, and when it fell
+        behind what the backend keeps)."""
+
     async def wait(self, ns: str, key: str, timeout: float | None) -> bytes:
         """Wait until *key* exists (DYAD's ``FLUX_KVS_WAITCREATE``)."""
         value = await self.wait_until(ns, key, exists, timeout)

@@ -8,6 +8,11 @@ Key layout: Flux splits keys at ``.``, so dyadfs' keys (``files/<path>``, ``moun
 Flux directory, and listing a directory is one READDIR. DYAD's own keys (``12d.d1.20d.<path>``)
 are written as they are, so that C DYAD and ``flux kvs get`` see them.
 
+The change feed (:meth:`FluxKVS.follow`, for ``--prefetch``): every commit that changes ``files/``
+keys also appends them, one JSON string per line, to ``dyadfs.feed`` (``FLUX_KVS_APPEND``, in the
+same transaction); a follower watches it with ``FLUX_KVS_WATCH_APPEND``: the first answer is the
+whole feed, each later one only what was appended.
+
 Threads: Flux handles are not thread-safe, so each worker thread that touches Flux owns its own
 handle (thread-local). Blocking calls run in trio worker threads; a waiting lookup is a Flux KVS
 watch (``FLUX_KVS_WATCH | FLUX_KVS_WAITCREATE``) waited on in half-second slices, so that a
@@ -17,15 +22,17 @@ cancelled or timed-out wait ends its thread promptly and cancels the watch.
 from __future__ import annotations
 
 import errno
+import json
 import math
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from ..errors import ConfigError, KVSError
+from ..keys import FILES
 from . import KVS, Predicate, timeout_error
 
 if TYPE_CHECKING:
@@ -44,6 +51,7 @@ except (ImportError, OSError) as e:  # OSError: libflux-core.so missing or misma
 
 _OURS = ("files/", "mounts/", "meta/")
 _ROOT = "dyadfs"
+FEED = "dyadfs.feed"
 SLICE = 0.5
 
 
@@ -85,12 +93,15 @@ class FluxKVS(KVS):
             self._local.h = h
         return h
 
-    async def _run(self, fn: Any, *args: Any) -> Any:
+    async def _run(self, fn: Any, *args: Any, abandon: bool = False) -> Any:
         def guarded() -> Any:
             try:
                 return fn(*args)
             except OSError as e:
                 raise KVSError(f"Flux KVS: {e.strerror or e}", e.errno or errno.EIO) from None
+        if abandon:  # a long wait: cancellable, the thread ends at its next slice
+            return await trio.to_thread.run_sync(guarded, abandon_on_cancel=True,
+                                                 limiter=self._waiters)
         return await trio.to_thread.run_sync(guarded)
 
     # -- namespaces ------------------------------------------------------------------------
@@ -147,6 +158,7 @@ class FluxKVS(KVS):
 
     async def commit(self, ns: str, puts: Mapping[str, bytes | None]) -> None:
         items = [(flux_key(k), v) for k, v in puts.items()]
+        feed = "".join(json.dumps(k) + "\n" for k in puts if k.startswith(FILES)).encode()
 
         def do() -> None:
             txn = flux.kvs.KVSTxn(self._handle(), namespace=ns)
@@ -155,6 +167,9 @@ class FluxKVS(KVS):
                     txn.unlink(fkey)
                 else:
                     txn.put(fkey, value, raw=True)
+            if feed:
+                RAW.flux_kvs_txn_put_raw(txn.txn, flux.constants.FLUX_KVS_APPEND, FEED, feed,
+                                         len(feed))
             txn.commit()
         await self._run(do)
 
@@ -202,6 +217,42 @@ class FluxKVS(KVS):
 
         result: dict[str, bytes] = await self._run(do)
         return result
+
+    # -- the change feed -------------------------------------------------------------------
+    async def follow(self, ns: str, on_change: Callable[[list[str] | None], None]) -> None:
+        stop = threading.Event()
+
+        def deliver(keys: list[str]) -> None:
+            if not stop.is_set():
+                on_change(keys)
+
+        def watch() -> None:
+            flags = (flux.constants.FLUX_KVS_WATCH | flux.constants.FLUX_KVS_WAITCREATE
+                     | flux.constants.FLUX_KVS_WATCH_APPEND)
+            fut = flux.kvs.KVSWatchFuture(RAW.flux_kvs_lookup(self._handle(), ns, flags, FEED))
+            try:
+                while not stop.is_set():
+                    try:
+                        fut.wait_for(SLICE)
+                    except OSError as e:
+                        if e.errno == errno.ETIMEDOUT:
+                            continue
+                        raise
+                    data = _raw_value(fut.pimpl)
+                    fut.reset()
+                    keys = list(dict.fromkeys(_feed_lines(data)))
+                    if keys:
+                        trio.from_thread.run_sync(deliver, keys)
+            finally:
+                try:
+                    fut.cancel(stop=True)
+                except OSError:
+                    pass
+
+        try:
+            await self._run(watch, abandon=True)
+        finally:
+            stop.set()
 
     # -- waiting ---------------------------------------------------------------------------
     async def wait_until(self, ns: str, key: str, pred: Predicate,
@@ -255,6 +306,18 @@ class FluxKVS(KVS):
         finally:
             stop.set()
         raise timeout_error(ns, key, timeout)
+
+
+def _feed_lines(data: bytes) -> list[str]:
+    out = []
+    for line in data.splitlines():
+        try:
+            key = json.loads(line)
+        except ValueError:
+            continue  # a torn or foreign line: the keys it named are found by other means
+        if isinstance(key, str) and key.startswith(FILES):
+            out.append(key)
+    return out
 
 
 def _raw_value(fut: Any) -> bytes:

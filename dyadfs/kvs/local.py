@@ -10,6 +10,14 @@ millisecond or two of the commit and an idle one costs no CPU. A slow re-check (
 ``SAFETY_RECHECK`` seconds) covers the one case inotify can lose, a queue overflow.
 
 SQLite calls are blocking, so they run in worker threads, one at a time (one connection).
+
+The change feed (:meth:`LocalKVS.follow`, for ``--prefetch``): every commit also appends the
+``files/`` keys it changed to the ``feed`` table, whose rowid is a sequence number across the
+database. A follower keeps its last sequence number and reads what came after it when the notify
+file changes. The feed keeps the last ``FEED_KEEP`` entries; a follower that fell further behind
+is told to rescan (``meta.feed_pruned`` says how far the feed was cut).
+
+Database schema 2 (schema 1 had no feed; it is upgraded in place when opened).
 """
 
 from __future__ import annotations
@@ -25,12 +33,16 @@ import inotify_simple
 import trio
 
 from ..errors import KVSError
+from ..keys import FILES
 from . import KVS, Predicate, timeout_error
 
 if TYPE_CHECKING:
     from ..config import Config
 
 SAFETY_RECHECK = 5.0
+FEED_KEEP = 200_000
+FEED_BATCH = 4096
+DB_SCHEMA = "2"
 T = TypeVar("T")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
@@ -38,7 +50,11 @@ CREATE TABLE IF NOT EXISTS namespaces (ns TEXT PRIMARY KEY, created REAL NOT NUL
 CREATE TABLE IF NOT EXISTS kv (
     ns TEXT NOT NULL, key BLOB NOT NULL, value BLOB NOT NULL,
     PRIMARY KEY (ns, key)) WITHOUT ROWID;
-INSERT OR IGNORE INTO meta VALUES ('schema', '1');
+CREATE TABLE IF NOT EXISTS feed (seq INTEGER PRIMARY KEY AUTOINCREMENT, ns TEXT NOT NULL,
+    key BLOB NOT NULL);
+INSERT OR IGNORE INTO meta VALUES ('schema', '2');
+INSERT OR IGNORE INTO meta VALUES ('feed_pruned', '0');
+UPDATE meta SET v='2' WHERE k='schema' AND v='1';
 """
 
 
@@ -76,8 +92,9 @@ class LocalKVS(KVS):
             schema = self._db.execute("SELECT v FROM meta WHERE k='schema'").fetchone()[0]
         except (OSError, sqlite3.Error) as e:
             raise KVSError(f"cannot open the embedded KVS at {path}: {e}") from None
-        if schema != "1":
-            raise KVSError(f"the embedded KVS at {path} has schema {schema}; this dyadfs reads 1")
+        if schema != DB_SCHEMA:
+            raise KVSError(f"the embedded KVS at {path} has schema {schema}; this dyadfs reads "
+                           f"{DB_SCHEMA} (remove it, or use --kvs local:PATH for another one)")
         try:
             # Point reads run on the trio thread through their own connection: a WAL reader
             # never waits for the writer, and a read (~20 us) costs less than a thread hop
@@ -153,6 +170,7 @@ class LocalKVS(KVS):
 
     async def commit(self, ns: str, puts: Mapping[str, bytes | None]) -> None:
         items = [(_enc(k), v) for k, v in puts.items()]
+        feed = [(ns, _enc(k)) for k in puts if k.startswith(FILES)]
 
         def do() -> None:
             db = self._db
@@ -163,6 +181,13 @@ class LocalKVS(KVS):
                         db.execute("DELETE FROM kv WHERE ns=? AND key=?", (ns, key))
                     else:
                         db.execute("INSERT OR REPLACE INTO kv VALUES (?, ?, ?)", (ns, key, value))
+                if feed:
+                    db.executemany("INSERT INTO feed (ns, key) VALUES (?, ?)", feed)
+                    seq = db.execute("SELECT last_insert_rowid()").fetchone()[0]
+                    if seq % FEED_BATCH < len(feed):  # now and then, cut the feed's tail
+                        db.execute("DELETE FROM feed WHERE seq <= ?", (seq - FEED_KEEP,))
+                        db.execute("UPDATE meta SET v=? WHERE k='feed_pruned'",
+                                   (str(max(0, seq - FEED_KEEP)),))
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -197,6 +222,47 @@ class LocalKVS(KVS):
 
         result: dict[str, bytes] = await self._call(do)
         return result
+
+    # -- the change feed -----------------------------------------------------------------
+    def _feed_after(self, ns: str, seq: int) -> tuple[int, list[str] | None, bool]:
+        """(new cursor, keys of *ns* changed after *seq*, whether more may follow); the keys are
+        None if the feed was cut past *seq* (the follower must rescan)."""
+        db = self._reader
+        db.execute("BEGIN")  # one snapshot for both reads
+        try:
+            pruned = int(db.execute("SELECT v FROM meta WHERE k='feed_pruned'").fetchone()[0])
+            if seq < pruned:
+                top = db.execute("SELECT COALESCE(MAX(seq), 0) FROM feed").fetchone()[0]
+                return int(top), None, False
+            rows = db.execute("SELECT seq, ns, key FROM feed WHERE seq > ? ORDER BY seq "
+                              "LIMIT ?", (seq, FEED_BATCH)).fetchall()
+        finally:
+            db.execute("COMMIT")
+        if rows:  # other namespaces' rows too: the cursor moves past them
+            seq = rows[-1][0]
+        keys = [_dec(bytes(key)) for _, row_ns, key in rows if row_ns == ns]
+        return seq, keys, len(rows) == FEED_BATCH
+
+    async def follow(self, ns: str, on_change: Callable[[list[str] | None], None]) -> None:
+        try:
+            cursor = int(self._reader.execute(
+                "SELECT COALESCE(MAX(seq), 0) FROM feed").fetchone()[0])
+        except sqlite3.Error as e:
+            raise KVSError(f"embedded KVS {self.path}: {e}") from None
+        on_change(None)  # what was published before now: rescan
+        while True:
+            changed = self._changed  # taken before the read: no change can slip between
+            more = False
+            try:
+                cursor, keys, more = self._feed_after(ns, cursor)
+            except sqlite3.OperationalError:  # busy: read again at the next change
+                keys = []
+            await trio.lowlevel.checkpoint()
+            if keys is None or keys:
+                on_change(keys)
+            if not more:
+                with trio.move_on_after(SAFETY_RECHECK):
+                    await changed.wait()
 
     # -- waiting -------------------------------------------------------------------------
     async def wait_until(self, ns: str, key: str, pred: Predicate,
