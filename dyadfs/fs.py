@@ -177,6 +177,20 @@ class Operations(pyfuse3.Operations):
         # not be cached by the kernel: a stale size would cut reads short.
         self._timeout = STABLE_TIMEOUT if config.role == "producer" else 0.0
         self._warned_intent = False
+        #: called once the kernel's INIT is answered (what the answer sets is final by then)
+        self.after_init: Callable[[], None] | None = None
+
+    def init(self) -> None:
+        # pyfuse3 calls this inside INIT, before the reply: the work runs just after it.
+        if self.after_init is not None and self._nursery is not None:
+            callback = self.after_init
+
+            async def later() -> None:
+                try:
+                    callback()
+                except Exception:  # a tuning step: never a reason to end the mount
+                    log.exception("after INIT")
+            self._nursery.start_soon(later)
 
     def attach(self, nursery: trio.Nursery) -> None:
         """Where background work (asynchronous publishing) runs."""

@@ -1,17 +1,23 @@
 """Plain TCP on trio sockets: the fallback transport, and the baseline in ``dyadfs bench``.
 
-The serving side sends file bytes with ``sendfile`` (no copy through Python); the fetching side
-receives into one reused buffer and writes it to the sink's descriptor. Connections are kept
-and reused per owner, so a stream of small frames pays for one connection, not one per frame.
+The serving side sends file bytes with ``sendfile`` (no copy through Python). The fetching side
+receives a small file on the trio thread (a frame must not pay for a thread hop) and a large one
+in a worker thread, straight into a shared map of the destination file (no copy through a
+buffer, and the trio thread stays free for the readers of the file being pulled). Connections
+are kept and reused per owner, so a stream of small frames pays for one connection, not one per
+frame.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import mmap
 import os
 import socket
 import struct
+import threading
 
 import trio
 
@@ -30,6 +36,11 @@ from .protocol import (
 
 log = logging.getLogger(__name__)
 _LEN = struct.Struct("!I")
+#: files from this size on are received in a worker thread
+THREAD_MIN = 1 << 20
+#: the receiving thread reports progress (and looks for a cancellation) this often
+PROGRESS_STEP = 1 << 20
+SLICE = 0.5
 
 
 async def _recv_exactly(sock: trio.socket.SocketType, n: int) -> bytes:
@@ -73,6 +84,69 @@ async def _sendfile(sock: trio.socket.SocketType, fd: int, size: int) -> None:
         if n == 0:
             raise FetchError("the file shrank while it was sent", errno.EIO)
         off += n
+
+
+def _short(address: str, off: int, size: int) -> FetchError:
+    return FetchError(f"connection to {address} closed after {off} of {size} bytes",
+                      errno.ECONNRESET)
+
+
+async def _receive(sock: trio.socket.SocketType, size: int, sink: Sink, address: str) -> None:
+    buf = bytearray(min(CHUNK, max(size, 1)))
+    view = memoryview(buf)
+    off = 0
+    while off < size:
+        n = await sock.recv_into(view[:min(len(buf), size - off)])
+        if n == 0:
+            raise _short(address, off, size)
+        done = 0 if sink.fd >= 0 else n  # fd -1: a raw transfer, discarded
+        while done < n:
+            done += os.pwrite(sink.fd, view[done:n], off + done)
+        off += n
+        sink.on_progress(off)
+
+
+async def _receive_in_thread(sock: trio.socket.SocketType, size: int, sink: Sink,
+                             address: str) -> None:
+    token = trio.lowlevel.current_trio_token()
+    stop = threading.Event()
+
+    def receive() -> None:
+        # A dup in timeout mode: Python polls it in SLICEs, and the trio socket's flags stay.
+        dup = socket.socket(fileno=os.dup(sock.fileno()))
+        dup.settimeout(SLICE)
+        try:
+            if sink.fd >= 0:
+                mm = mmap.mmap(sink.fd, size)
+                view = memoryview(mm)
+            else:  # a raw transfer: into memory, discarded
+                mm = mmap.mmap(-1, min(size, CHUNK))
+                view = memoryview(mm)
+            span = len(mm)
+            off = reported = 0
+            try:
+                while off < size and not stop.is_set():
+                    lo = off % span
+                    try:
+                        n = dup.recv_into(view[lo:lo + min(span - lo, size - off)])
+                    except TimeoutError:
+                        continue
+                    if n == 0:
+                        raise _short(address, off, size)
+                    off += n
+                    if off - reported >= PROGRESS_STEP or off == size:
+                        reported = off
+                        token.run_sync_soon(sink.on_progress, off)
+            finally:
+                view.release()
+                mm.close()
+        finally:
+            dup.close()
+
+    try:
+        await trio.to_thread.run_sync(receive, abandon_on_cancel=True)
+    finally:
+        stop.set()
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -149,21 +223,14 @@ class TCPTransport(Transport):
                 raw = await recv_message(sock)
             size = parse_header(raw)
             sink.on_size(size)
-            buf = bytearray(min(CHUNK, max(size, 1)))
-            view = memoryview(buf)
-            off = 0
-            while off < size:
-                n = await sock.recv_into(view[:min(len(buf), size - off)])
-                if n == 0:
-                    raise FetchError(f"connection to {address} closed after {off} of {size} "
-                                     "bytes", errno.ECONNRESET)
-                done = 0 if sink.fd >= 0 else n  # fd -1: a raw transfer, discarded
-                while done < n:
-                    done += os.pwrite(sink.fd, view[done:n], off + done)
-                off += n
-                sink.on_progress(off)
+            if size >= THREAD_MIN:
+                await _receive_in_thread(sock, size, sink, address)
+            else:
+                await _receive(sock, size, sink, address)
             sink.sha256 = parse_trailer(await recv_message(sock))
         except BaseException:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # a receiving thread stops at once
             sock.close()
             raise
         self._idle.setdefault(address, []).append(sock)
