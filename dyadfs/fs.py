@@ -88,6 +88,7 @@ class Node:
     lookups: int = 0
     provisional: str | None = None  # "file" or "dir": the kernel knows it, the backing does not
     handles: set[int] = field(default_factory=set)
+    told: tuple[int, int] | None = None  # (size, mtime) the kernel may cache, on consumer mounts
 
 
 @dataclass(eq=False)
@@ -173,9 +174,13 @@ class Operations(pyfuse3.Operations):
         self._root_owner = os.fstat(root_fd)
         self._am_root = os.geteuid() == 0
         self._nursery: trio.Nursery | None = None
-        # Attributes of names that other mounts may change (shared backing, pulled copies) must
-        # not be cached by the kernel: a stale size would cut reads short.
+        # Names and attributes on a producer mount change only through it: the kernel caches
+        # them. On a consumer mount, names come and go with publications (LOOKUP must always
+        # ask), and files change behind the kernel's back (pulls, a shared backing): a regular
+        # file's attributes are cached, and OPEN drops them when the file is not what the
+        # kernel was told (close-to-open: a stale size would cut reads short).
         self._timeout = STABLE_TIMEOUT if config.role == "producer" else 0.0
+        self._track = config.role != "producer"
         self._warned_intent = False
         #: called once the kernel's INIT is answered (what the answer sets is final by then)
         self.after_init: Callable[[], None] | None = None
@@ -250,6 +255,9 @@ class Operations(pyfuse3.Operations):
         t = self._timeout if timeout is None else timeout
         e.entry_timeout = t
         e.attr_timeout = t
+        if self._track and timeout is None and stat_mod.S_ISREG(st.st_mode):
+            e.attr_timeout = STABLE_TIMEOUT
+            node.told = (st.st_size, st.st_mtime_ns)
         e.st_mode = st.st_mode
         e.st_nlink = st.st_nlink
         e.st_uid = st.st_uid
@@ -566,6 +574,7 @@ class Operations(pyfuse3.Operations):
                 if pull is not None and not pull.done:
                     # Stream: read the file being pulled; reads wait for their bytes.
                     fd = os.dup(pull.fd)
+                    self._check_told(node, fd)
                     fh = self._new_handle(fd, node, publishes=False)
                     self._handles[fh].pull = pull
                     return pyfuse3.FileInfo(fh=fh)
@@ -573,10 +582,40 @@ class Operations(pyfuse3.Operations):
             self.puller.forget(rel)  # written here: no longer a pulled copy
         fd = os.open(rel, (flags & ~_OPEN_STRIP) | os.O_NOFOLLOW, dir_fd=self.root_fd)
         node.provisional = None
+        self._check_told(node, fd)
         fh = self._new_handle(fd, node, publishes=writable and publish)
         if flags & os.O_TRUNC and publish:
             self._handles[fh].pending = True
         return pyfuse3.FileInfo(fh=fh)
+
+    def installed(self, rel: bytes) -> None:
+        """A pull put a new file at *rel*: what the kernel caches of the old one goes."""
+        ino = ROOT
+        for part in rel.split(b"/"):
+            found = self._names.get((ino, part))
+            if found is None:
+                return
+            ino = found
+        node = self._nodes.get(ino)
+        if node is not None and node.told is not None:
+            node.told = None
+            try:
+                pyfuse3.invalidate_inode(ino, attr_only=True)
+            except OSError as e:
+                log.debug("invalidating the attributes of inode %d: %s", ino, e)
+
+    def _check_told(self, node: Node, fd: int) -> None:
+        """Drop the kernel's cached attributes of *node* if the file changed since (a pull, a
+        writer on a shared backing). Attributes only: no pages, so no lock to wait for."""
+        if node.told is None:
+            return
+        st = os.fstat(fd)
+        if node.told != (st.st_size, st.st_mtime_ns):
+            node.told = None
+            try:
+                pyfuse3.invalidate_inode(node.ino, attr_only=True)
+            except OSError as e:  # ENOENT: the kernel forgot the inode already
+                log.debug("invalidating the attributes of inode %d: %s", node.ino, e)
 
     async def _make_readable(self, node: Node, rel: bytes, pid: int) -> Any:
         """Consumer side of an open for reading: wait, refresh or pull as the table says."""

@@ -158,6 +158,7 @@ class Mount:
             ops.attach(nursery)
             if puller is not None:
                 puller.is_open = ops.is_open
+                puller.on_installed = ops.installed
                 if c.prefetch:
                     self.prefetcher = Prefetcher(c, root_fd, catalog, puller)
                     await nursery.start(self.prefetcher.run)

@@ -131,6 +131,7 @@ class Puller:
         self._lru: collections.OrderedDict[bytes, int] = collections.OrderedDict()
         self._unread: set[bytes] = set()  # prefetched, not opened since
         self.on_room: Callable[[], None] | None = None  # the prefetcher's wake-up
+        self.on_installed: Callable[[bytes], None] | None = None  # the file system's cache
         self._nursery: trio.Nursery | None = None
         self._owners: dict[str, MountRecord] = {}
         makedirs_at(root_fd, TMP_DIR)
@@ -386,6 +387,8 @@ class Puller:
         if parent:
             makedirs_at(self.root_fd, parent)
         os.rename(pull.tmp, pull.rel, src_dir_fd=self.root_fd, dst_dir_fd=self.root_fd)
+        if self.on_installed is not None:
+            self.on_installed(pull.rel)
         self._versions[pull.rel] = rec.version
         self._lru[pull.rel] = rec.size
         self._lru.move_to_end(pull.rel)
