@@ -80,13 +80,15 @@ def test_wait_times_out_and_is_cancellable(tmp_path: Path) -> None:
     run_with(tmp_path / "kvs.sqlite", body)
 
 
-def test_waiter_wakes_on_commit_by_another_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("notify_removed", [False, True])
+def test_waiter_wakes_on_commit_by_another_process(tmp_path: Path, notify_removed: bool,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import dyadfs.kvs.local as local
+    monkeypatch.setattr(local, "SAFETY_RECHECK", 3600.0)  # only the notification can wake it
     db = tmp_path / "kvs.sqlite"
     script = textwrap.dedent(f"""
         import trio
         from dyadfs.kvs.local import LocalKVS
-
-from .conftest import FeedLog
         async def main():
             kvs = LocalKVS({str(db)!r})
             await kvs.commit("a", {{"files/late": b"here"}})
@@ -102,6 +104,9 @@ from .conftest import FeedLog
                 got.append(await kvs.wait("a", "files/late", timeout=30))
             nursery.start_soon(waiter)
             await trio.sleep(0.1)  # let the waiter block first (not a synchronisation)
+            if notify_removed:  # removed by hand: the writer makes it again, watchers follow
+                (tmp_path / "kvs.sqlite.notify").unlink()
+                await trio.sleep(0.1)
             await trio.to_thread.run_sync(
                 lambda: subprocess.run([sys.executable, "-c", script], check=True, timeout=60))
         return got[0]
@@ -123,8 +128,6 @@ def test_an_idle_waiter_costs_no_cpu(tmp_path: Path) -> None:
     script = textwrap.dedent(f"""
         import resource, trio
         from dyadfs.kvs.local import LocalKVS
-
-from .conftest import FeedLog
         from dyadfs.errors import WaitTimeout
         async def main():
             kvs = LocalKVS({str(tmp_path / 'kvs.sqlite')!r})

@@ -4,7 +4,7 @@ Why SQLite: it is in the standard library, its WAL mode lets readers run while o
 commits, and a transaction gives atomic multi-key commits across processes for free.
 
 Waking waiters without polling: after each commit the writer touches ``<db>.notify``; every
-process watches that file's directory with inotify (``inotify_simple``, a small, well-kept
+process watches that file with inotify (``inotify_simple``, a small, well-kept
 binding) and re-checks the keys it waits for when it changes. A waiter wakes within a
 millisecond or two of the commit and an idle one costs no CPU. A slow re-check (every
 ``SAFETY_RECHECK`` seconds) covers the one case inotify can lose, a queue overflow.
@@ -111,6 +111,13 @@ class LocalKVS(KVS):
         self._inotify: inotify_simple.INotify | None = None
         self._closed = False
 
+    def _touch(self) -> None:
+        """Tell every process on this machine that something was committed."""
+        try:
+            os.utime(self._notify)
+        except FileNotFoundError:  # removed by hand: make it again (watchers re-watch it)
+            self._notify.touch()
+
     @classmethod
     def from_config(cls, config: Config) -> LocalKVS:
         return cls(config.kvs_path)
@@ -145,7 +152,7 @@ class LocalKVS(KVS):
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-            os.utime(self._notify)
+            self._touch()
         await self._call(do)
 
     async def namespaces(self) -> list[str]:
@@ -192,7 +199,7 @@ class LocalKVS(KVS):
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-            os.utime(self._notify)
+            self._touch()
 
         await self._call(do)
 
@@ -201,7 +208,7 @@ class LocalKVS(KVS):
             db = self._db
             cur = db.execute("INSERT OR IGNORE INTO kv VALUES (?, ?, ?)", (ns, _enc(key), value))
             if cur.rowcount:
-                os.utime(self._notify)
+                self._touch()
             stored = self._get(ns, key)
             assert stored is not None
             return stored
@@ -279,21 +286,28 @@ class LocalKVS(KVS):
         raise timeout_error(ns, key, timeout)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Watch for commits by any process on this machine; wake this process' waiters."""
+        """Watch for commits by any process on this machine; wake this process' waiters.
+
+        The watch is on the notify file itself, not its directory: the directory also holds the
+        database and its WAL, whose every write would wake every mount on the machine."""
         flags = inotify_simple.flags
+        mask = flags.ATTRIB | flags.CLOSE_WRITE | flags.MODIFY | flags.DELETE_SELF | \
+            flags.MOVE_SELF
         ino = inotify_simple.INotify()
         self._inotify = ino
         try:
-            ino.add_watch(str(self._notify.parent),
-                          flags.ATTRIB | flags.CLOSE_WRITE | flags.MODIFY | flags.CREATE)
-            name = self._notify.name
+            ino.add_watch(str(self._notify), mask)
             task_status.started()
             while True:
                 await trio.lowlevel.wait_readable(ino.fileno())
                 events = ino.read(timeout=0)
-                if any(e.name == name or e.mask & flags.Q_OVERFLOW for e in events):
-                    self._changed.set()
-                    self._changed = trio.Event()
+                if any(e.mask & (flags.DELETE_SELF | flags.MOVE_SELF | flags.IGNORED)
+                       for e in events):
+                    # someone removed the notify file: make it again and watch the new one
+                    self._notify.touch(exist_ok=True)
+                    ino.add_watch(str(self._notify), mask)
+                self._changed.set()
+                self._changed = trio.Event()
         finally:
             self._inotify = None
             ino.close()
