@@ -381,20 +381,25 @@ def _open_read_times(paths: list[Path]) -> list[float]:
     return out
 
 
-def bench_prefetch(m: Mounts, prod: Path, pf: Path, pf_backing: Path, cons: Path,
-                   n: int) -> dict[str, Any]:
+def bench_prefetch(m: Mounts, ns: list[str], n: int) -> dict[str, Any]:
     """open+read of published frames on a --prefetch mount, beside the same open+read of a
-    file already here (through the mount, and on its backing), and an on-demand pull."""
+    file already here (through the mount, and on its backing), and an on-demand pull.
+
+    A namespace of its own, so that the prefetcher has only these frames to pull."""
+    own = [a + "-prefetch" if i and ns[i - 1] == "--namespace" else a for i, a in enumerate(ns)]
+    prod, _ = m.mount("pfprod", "--role", "producer", *own)
+    pf, pf_backing = m.mount("pf", "--role", "consumer", "--prefetch", *own)
+    cons, _ = m.mount("pfcons", "--role", "consumer", *own)
     (prod / "pf").mkdir()
     data = os.urandom(FRAME)
     for i in range(n):
         (prod / "pf" / f"f{i}").write_bytes(data)
+    names = [Path("pf") / f"f{i}" for i in range(n)]
     deadline = time.monotonic() + 120
-    while m.control(pf)["prefetched"] < n:
+    while not all((pf_backing / p).exists() for p in names) or m.control(pf)["pulling"]:
         if time.monotonic() > deadline:
             raise UsageError("bench: the prefetching mount did not pull every frame in 120 s")
         time.sleep(0.01)
-    names = [Path("pf") / f"f{i}" for i in range(n)]
     first = _open_read_times([pf / p for p in names])  # prefetched, never opened
     again = _open_read_times([pf / p for p in names])  # here, opened before
     backing = _open_read_times([pf_backing / p for p in names])
@@ -470,8 +475,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 r["write"] = bench_write(prod, prod_b, 16 * MiB, 4 if quick else 16)
                 r["write_1MiB"] = bench_write(prod, prod_b, MiB, 32 if quick else 128)
                 r["metadata"] = bench_metadata(prod, prod_b, 200 if quick else 1000)
-                pf, pf_b = m.mount("pf", "--role", "consumer", "--prefetch", *ns)
-                r["prefetch"] = bench_prefetch(m, prod, pf, pf_b, cons, nlat)
+                r["prefetch"] = bench_prefetch(m, ns, nlat)
                 scaling_frames = []
                 for n in ([10, 100, 1000] if quick else [10, 100, 1000, 10000]):
                     scaling_frames.append(frames_per_second(prod, [cons], n, f"sf{n}"))

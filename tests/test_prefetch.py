@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import subprocess
 import time
 from pathlib import Path
 
@@ -40,12 +41,20 @@ def test_prefetch_pulls_publications_before_any_open(tmp_path: Path, mounts: Mou
                         "--transport", "tcp", "--wait-timeout", "60", "--prefetch",
                         "--backing", str(backing))
     odd = os.fsencode("frame \n") + b"\xff.dat"
+    # a reader already waiting for a frame shares the prefetcher's pull of it
+    waiting = subprocess.Popen(["cat", str(cons / "group0/a4md_chunk7.dat")],
+                               stdout=subprocess.PIPE)
+    wait_for(lambda: mounts.status(cons)["waiting"] == 1, 20, "a waiting reader")
     run(f"mkdir -p {prod}/group0 && for i in 0 1 2 3 4 5 6 7; do "
         f"head -c 5757 /dev/urandom > {prod}/group0/a4md_chunk$i.dat; done")
     with open(os.path.join(os.fsencode(prod), b"group0", odd), "wb") as f:
         f.write(b"odd name")
     # nobody opens anything: the files arrive in the consumer's storage by themselves
-    wait_for(lambda: mounts.status(cons)["prefetched"] == 10, 30, "ten prefetched files")
+    out, _ = waiting.communicate(timeout=60)
+    assert out == (prod / "group0/a4md_chunk7.dat").read_bytes()
+    # nine came by themselves; the waiting reader's frame was pulled once, for it
+    wait_for(lambda: mounts.status(cons)["pulled"] == 10, 30, "ten pulled files")
+    assert mounts.status(cons)["prefetched"] in (9, 10)
     for i in range(8):
         name = f"group0/a4md_chunk{i}.dat"
         assert (backing / name).read_bytes() == (prod / name).read_bytes()
