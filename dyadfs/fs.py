@@ -99,6 +99,7 @@ class Handle:
     pull: Any = None  # the Pull this handle reads from while it is under way
     written: bool = False  # data changed since the last publication: flush publishes
     pending: bool = False  # created or truncated, not written since: release publishes
+    direct: bool = False  # open for writing only: writes bypass the kernel's page cache
 
 
 @dataclass(eq=False)
@@ -559,7 +560,7 @@ class Operations(pyfuse3.Operations):
         # A new file is published even if left empty, but at release, not at the first flush:
         # a shell's "> f" closes a dup of the descriptor before writing anything.
         self._handles[fh].pending = True
-        return pyfuse3.FileInfo(fh=fh), entry
+        return self._file_info(fh, flags), entry
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._node(inode)
@@ -586,7 +587,17 @@ class Operations(pyfuse3.Operations):
         fh = self._new_handle(fd, node, publishes=writable and publish)
         if flags & os.O_TRUNC and publish:
             self._handles[fh].pending = True
-        return pyfuse3.FileInfo(fh=fh)
+        return self._file_info(fh, flags)
+
+    def _file_info(self, fh: int, flags: int) -> pyfuse3.FileInfo:
+        """Writes of a handle open for writing only go straight to the daemon (FOPEN_DIRECT_IO)
+        instead of through the kernel's page cache first: one page-cache fill and one copy
+        less per byte (measured here: 16 MiB files written through a producer mount 400 ->
+        640-1150 MiB/s). Invisible to programs: such a descriptor cannot be mmapped, and
+        cached pages of other open descriptors are dropped after each write (see write)."""
+        direct = flags & os.O_ACCMODE == os.O_WRONLY
+        self._handles[fh].direct = direct
+        return pyfuse3.FileInfo(fh=fh, direct_io=direct)
 
     def installed(self, rel: bytes) -> None:
         """A pull put a new file at *rel*: what the kernel caches of the old one goes."""
@@ -723,7 +734,13 @@ class Operations(pyfuse3.Operations):
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self._handles[fh]
         handle.written = True
-        return os.pwrite(handle.fd, buf, off)
+        n = os.pwrite(handle.fd, buf, off)
+        if handle.direct and len(handle.node.handles) > 1:
+            # Another descriptor may hold pages the kernel cached before this write (tail -f
+            # of a log): drop them, as a write through the page cache would have updated them.
+            # From a thread: the kernel may wait for a page that a READ of ours holds locked.
+            await trio.to_thread.run_sync(_invalidate_data, handle.node.ino)
+        return n
 
     async def flush(self, fh: int) -> None:
         # flush comes with every close() and close() waits for it (release does not): publish
@@ -872,6 +889,13 @@ class Operations(pyfuse3.Operations):
 
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         os.removexattr(self._xattr_path(self._node(inode)), name, follow_symlinks=False)
+
+
+def _invalidate_data(ino: int) -> None:
+    try:
+        pyfuse3.invalidate_inode(ino)
+    except OSError as e:  # ENOENT: nothing cached
+        log.debug("invalidating inode %d: %s", ino, e)
 
 
 def _caller_alive(tid: int) -> bool:
