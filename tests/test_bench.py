@@ -25,7 +25,7 @@ def test_bench_quick_json(tmp_path: Path, state_env: dict[str, str]) -> None:
     out = tmp_path / "out.json"
     r = subprocess.run([sys.executable, "-m", "dyadfs", "bench", "--quick", "--transport", "tcp",
                         "--sizes", "1", "4", "--frames", "20", "--consumers", "3",
-                        "--json", str(out),
+                        "--json", str(out), "--plot", str(tmp_path / "plot.png"),
                         "--dir", str(tmp_path)],
                        capture_output=True, text=True, env=state_env, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -54,6 +54,7 @@ def test_bench_quick_json(tmp_path: Path, state_env: dict[str, str]) -> None:
         assert pf[k]["n"] == 20 and positive(pf[k]["p50_ms"])
     assert positive(pf["ratio_to_local"])
     assert "--prefetch: open+read of a prefetched frame" in r.stdout
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # it removed its directories and left no mount behind
     assert not list(tmp_path.glob("dyadfs-bench-*"))
     assert "dyadfs-bench" not in Path("/proc/mounts").read_text()
