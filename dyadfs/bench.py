@@ -204,8 +204,22 @@ def bench_metadata(prod: Path, backing: Path, n: int) -> dict[str, Any]:
 
 
 # -- frames ---------------------------------------------------------------------------------------
+def _write_frame(path: Path, data: bytes) -> float:
+    """Write a frame (unbuffered: the bytes go at write()); return when close() was called.
+
+    Latencies count from the call, not the return: the publication happens inside close(), and
+    a consumer may have the frame before the producer's close() has returned."""
+    f = open(path, "wb", buffering=0)
+    try:
+        f.write(data)
+    finally:
+        called = time.perf_counter()
+        f.close()
+    return called
+
+
 def frame_latency(prod: Path, cons: Path, n: int, subdir: str) -> dict[str, Any]:
-    """Producer close() to consumer open+read done, the consumer already waiting."""
+    """Producer calls close() -> consumer open+read done, the consumer already waiting."""
     data = os.urandom(FRAME)
     done: dict[int, float] = {}
     errors: list[BaseException] = []
@@ -228,9 +242,7 @@ def frame_latency(prod: Path, cons: Path, n: int, subdir: str) -> dict[str, Any]
     closes: list[float] = []
     for i in range(n):
         time.sleep(0.003)  # the consumer has opened frame i and waits
-        with open(prod / subdir / f"f{i}", "wb") as f:
-            f.write(data)
-        closes.append(time.perf_counter())
+        closes.append(_write_frame(prod / subdir / f"f{i}", data))
         deadline = time.monotonic() + 60
         while i not in done and not errors and time.monotonic() < deadline:
             time.sleep(0.0001)
@@ -266,9 +278,7 @@ def frames_per_second(prods: Path, conss: list[Path], n: int, subdir: str) -> di
     closes = []
     t0 = time.perf_counter()
     for i in range(n):
-        with open(prods / subdir / f"f{i}", "wb") as f:
-            f.write(data)
-        closes.append(time.perf_counter())
+        closes.append(_write_frame(prods / subdir / f"f{i}", data))
     for t in threads:
         t.join(600)
     if errors or len(done) != n * len(conss):

@@ -214,3 +214,32 @@ def test_schema_1_database_is_upgraded(tmp_path: Path) -> None:
     run_with(path, body)
     assert sqlite3.connect(path).execute("SELECT v FROM meta WHERE k='schema'").fetchone() \
         == ("2",)
+
+
+def test_commit_waits_for_another_writer(tmp_path: Path) -> None:
+    """A commit tried on the trio thread never waits there: if another process holds the
+    write lock, it goes to a thread, waits for the lock, and commits."""
+    import sqlite3
+    path = tmp_path / "kvs.sqlite"
+
+    async def body(kvs: LocalKVS) -> None:
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # holds the write lock
+        done = trio.Event()
+
+        async def commit() -> None:
+            await kvs.commit("a", {"files/x": b"1"})
+            done.set()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(commit)
+            await trio.sleep(0.3)
+            assert not done.is_set()  # still waiting for the lock, and the loop still runs
+            other.execute("COMMIT")
+            with trio.fail_after(10):
+                await done.wait()
+        other.close()
+        assert await kvs.get("a", "files/x") == b"1"
+        for i in range(300):  # past a checkpoint on the way
+            await kvs.commit("a", {f"files/n{i}": b"v"})
+        assert len(await kvs.list_prefix("a", "files/n")) == 300
+    run_with(path, body)
