@@ -400,8 +400,8 @@ def _open_read_times(paths: list[Path]) -> list[float]:
 
 
 def bench_prefetch(m: Mounts, ns: list[str], n: int) -> dict[str, Any]:
-    """open+read of published frames on a --prefetch mount, beside the same open+read of a
-    file already here (through the mount, and on its backing), and an on-demand pull.
+    """open+read of published frames on a --prefetch mount, beside the open+read of a local
+    file through the same mount (and on its backing), and an on-demand pull.
 
     A namespace of its own, so that the prefetcher has only these frames to pull."""
     own = [a + "-prefetch" if i and ns[i - 1] == "--namespace" else a for i, a in enumerate(ns)]
@@ -418,8 +418,18 @@ def bench_prefetch(m: Mounts, ns: list[str], n: int) -> dict[str, Any]:
         if time.monotonic() > deadline:
             raise UsageError("bench: the prefetching mount did not pull every frame in 120 s")
         time.sleep(0.01)
-    first = _open_read_times([pf / p for p in names])  # prefetched, never opened
-    again = _open_read_times([pf / p for p in names])  # here, opened before
+    # The baseline: files of the same size that were never opened through the mount either,
+    # but are local (written straight into its backing); both opened in turns, so that both
+    # see the same machine (this one's speed drifts).
+    (pf_backing / "local").mkdir()
+    for i in range(n):
+        (pf_backing / "local" / f"f{i}").write_bytes(data)
+    first: list[float] = []
+    again: list[float] = []
+    for i in range(n):
+        pair = [(first, pf / names[i]), (again, pf / "local" / f"f{i}")]
+        for out, path in (pair if i % 2 == 0 else pair[::-1]):
+            out.extend(_open_read_times([path]))
     backing = _open_read_times([pf_backing / p for p in names])
     pulled = _open_read_times([cons / p for p in names])  # no prefetch: pulled at the open
     return {"frame_bytes": FRAME, "prefetched": _ms(first), "local_mount": _ms(again),
