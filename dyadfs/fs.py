@@ -609,24 +609,15 @@ class Operations(pyfuse3.Operations):
             ino = found
         node = self._nodes.get(ino)
         if node is not None and node.told is not None:
-            node.told = None
-            try:
-                pyfuse3.invalidate_inode(ino, attr_only=True)
-            except OSError as e:
-                log.debug("invalidating the attributes of inode %d: %s", ino, e)
+            _invalidate(node, attr_only=True)
 
     def _check_told(self, node: Node, fd: int) -> None:
         """Drop the kernel's cached attributes of *node* if the file changed since (a pull, a
         writer on a shared backing). Attributes only: no pages, so no lock to wait for."""
-        if node.told is None:
-            return
-        st = os.fstat(fd)
-        if node.told != (st.st_size, st.st_mtime_ns):
-            node.told = None
-            try:
-                pyfuse3.invalidate_inode(node.ino, attr_only=True)
-            except OSError as e:  # ENOENT: the kernel forgot the inode already
-                log.debug("invalidating the attributes of inode %d: %s", node.ino, e)
+        if node.told is not None:
+            st = os.fstat(fd)
+            if node.told != (st.st_size, st.st_mtime_ns):
+                _invalidate(node, attr_only=True)
 
     async def _make_readable(self, node: Node, rel: bytes, pid: int) -> Any:
         """Consumer side of an open for reading: wait, refresh or pull as the table says."""
@@ -739,7 +730,7 @@ class Operations(pyfuse3.Operations):
             # Another descriptor may hold pages the kernel cached before this write (tail -f
             # of a log): drop them, as a write through the page cache would have updated them.
             # From a thread: the kernel may wait for a page that a READ of ours holds locked.
-            await trio.to_thread.run_sync(_invalidate_data, handle.node.ino)
+            await trio.to_thread.run_sync(_invalidate, handle.node)
         return n
 
     async def flush(self, fh: int) -> None:
@@ -891,11 +882,14 @@ class Operations(pyfuse3.Operations):
         os.removexattr(self._xattr_path(self._node(inode)), name, follow_symlinks=False)
 
 
-def _invalidate_data(ino: int) -> None:
+def _invalidate(node: Node, attr_only: bool = False) -> None:
+    """Make the kernel forget what it caches of *node* (its attributes, and its pages unless
+    *attr_only*)."""
+    node.told = None
     try:
-        pyfuse3.invalidate_inode(ino)
-    except OSError as e:  # ENOENT: nothing cached
-        log.debug("invalidating inode %d: %s", ino, e)
+        pyfuse3.invalidate_inode(node.ino, attr_only=attr_only)
+    except OSError as e:  # ENOENT: the kernel forgot the inode already
+        log.debug("invalidating inode %d: %s", node.ino, e)
 
 
 def _caller_alive(tid: int) -> bool:
