@@ -231,23 +231,14 @@ class FluxKVS(KVS):
                      | flux.constants.FLUX_KVS_WATCH_APPEND)
             fut = flux.kvs.KVSWatchFuture(RAW.flux_kvs_lookup(self._handle(), ns, flags, FEED))
             try:
-                while not stop.is_set():
-                    try:
-                        fut.wait_for(SLICE)
-                    except OSError as e:
-                        if e.errno == errno.ETIMEDOUT:
-                            continue
-                        raise
+                while _next_response(fut, stop):
                     data = _raw_value(fut.pimpl)
                     fut.reset()
                     keys = list(dict.fromkeys(_feed_lines(data)))
                     if keys:
                         trio.from_thread.run_sync(deliver, keys)
             finally:
-                try:
-                    fut.cancel(stop=True)
-                except OSError:
-                    pass
+                _cancel_watch(fut)
 
         try:
             await self._run(watch, abandon=True)
@@ -272,13 +263,7 @@ class FluxKVS(KVS):
                     return True
                 fut = flux.kvs.kvs_watch_async(h, fkey, namespace=ns, waitcreate=True)
                 try:
-                    while not stop.is_set():
-                        try:
-                            fut.wait_for(SLICE)
-                        except OSError as e:
-                            if e.errno == errno.ETIMEDOUT:
-                                continue
-                            raise
+                    while _next_response(fut, stop):
                         try:
                             value: bytes | None = _raw_value(fut.pimpl)
                         except OSError as e:
@@ -292,10 +277,7 @@ class FluxKVS(KVS):
                             break
                         fut.reset()
                 finally:
-                    try:
-                        fut.cancel(stop=True)
-                    except OSError:
-                        pass
+                    _cancel_watch(fut)
             return False
 
         try:
@@ -306,6 +288,27 @@ class FluxKVS(KVS):
         finally:
             stop.set()
         raise timeout_error(ns, key, timeout)
+
+
+def _next_response(fut: Any, stop: threading.Event) -> bool:
+    """Wait for a watch's next response in SLICEs (so that *stop* is seen promptly): True when
+    one came, False once *stop* is set."""
+    while not stop.is_set():
+        try:
+            fut.wait_for(SLICE)
+        except OSError as e:
+            if e.errno == errno.ETIMEDOUT:
+                continue
+            raise
+        return True
+    return False
+
+
+def _cancel_watch(fut: Any) -> None:
+    try:
+        fut.cancel(stop=True)
+    except OSError:
+        pass
 
 
 def _feed_lines(data: bytes) -> list[str]:
