@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,63 +111,94 @@ def parse_size(text: str) -> int:
     return int(number * 1024 ** " kmgt".index(unit or " "))
 
 
+def _bool(raw: Any, source: str) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if source.startswith("DYAD_"):
+        return True  # DYAD: set means on, whatever the value
+    low = str(raw).strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise ValueError(f"expected one of 1/0, true/false, yes/no, on/off, got {raw!r}")
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[Any, str], str]:
+    def convert(raw: Any, source: str) -> str:
+        if raw not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {raw!r}")
+        return str(raw)
+    return convert
+
+
+def _transport(raw: Any, source: str) -> str:
+    low = str(raw).lower()
+    if source == "DYAD_DTL_MODE":
+        # DYAD's FLUX_RPC and MARGO have no dyadfs equivalent: plain TCP is the closest.
+        return "ucx" if low == "ucx" else "tcp"
+    return _choice(TRANSPORTS)(low, source)
+
+
+def _kvs(raw: Any, source: str) -> str:
+    text = str(raw)
+    if text in ("flux", "local") or (text.startswith("local:") and len(text) > 6):
+        return text
+    raise ValueError(f"expected local, local:PATH or flux, got {raw!r}")
+
+
+def _namespace(raw: Any, source: str) -> str:
+    if not _NS.match(str(raw)):
+        raise ValueError(f"{raw!r} is not a valid namespace (letters, digits, _ . -; at most 128)")
+    return str(raw)
+
+
+def _seconds(raw: Any, source: str) -> float:
+    value = float(raw)
+    if not value > 0:
+        raise ValueError(f"must be a positive number of seconds, got {raw!r}")
+    return value
+
+
+def _size(positive: bool) -> Callable[[Any, str], int]:
+    def convert(raw: Any, source: str) -> int:
+        value = raw if isinstance(raw, int) else parse_size(str(raw))
+        if positive and value <= 0:
+            raise ValueError(f"must be positive, got {raw!r}")
+        return value
+    return convert
+
+
+def _integer(positive: bool) -> Callable[[Any, str], int]:
+    def convert(raw: Any, source: str) -> int:
+        value = int(raw)
+        if value < 0 or (positive and value == 0):
+            raise ValueError(f"must be a {'positive' if positive else 'non-negative'} integer, "
+                             f"got {raw!r}")
+        return value
+    return convert
+
+
+def _path(raw: Any, source: str) -> Path:
+    return Path(raw).expanduser()
+
+
+def _str(raw: Any, source: str) -> str:
+    return str(raw)
+
+
+#: kind -> converter(raw value, where it came from); a converter raises ValueError
+_CONVERTERS: dict[str, Callable[[Any, str], Any]] = {
+    "bool": _bool, "role": _choice(ROLES), "transport": _transport, "kvs": _kvs,
+    "namespace": _namespace, "seconds": _seconds, "size": _size(True), "size0": _size(False),
+    "int": _integer(False), "posint": _integer(True), "path": _path, "str": _str,
+}
+
+
 def _convert(name: str, kind: str, raw: Any, source: str) -> Any:
     """Turn a raw option or environment value into the field's type, or raise ConfigError."""
     try:
-        if kind == "bool":
-            if isinstance(raw, bool):
-                return raw
-            if source.startswith("DYAD_"):
-                return True  # DYAD: set means on, whatever the value
-            low = str(raw).strip().lower()
-            if low in _TRUE:
-                return True
-            if low in _FALSE:
-                return False
-            raise ValueError(f"expected one of 1/0, true/false, yes/no, on/off, got {raw!r}")
-        if kind == "role":
-            if raw not in ROLES:
-                raise ValueError(f"expected one of {', '.join(ROLES)}, got {raw!r}")
-            return raw
-        if kind == "transport":
-            low = str(raw).lower()
-            if source == "DYAD_DTL_MODE":
-                # DYAD's FLUX_RPC and MARGO have no dyadfs equivalent: plain TCP is the closest.
-                return "ucx" if low == "ucx" else "tcp"
-            if low not in TRANSPORTS:
-                raise ValueError(f"expected one of {', '.join(TRANSPORTS)}, got {raw!r}")
-            return low
-        if kind == "kvs":
-            if raw == "flux" or raw == "local" or (str(raw).startswith("local:") and len(raw) > 6):
-                return raw
-            raise ValueError(f"expected local, local:PATH or flux, got {raw!r}")
-        if kind == "namespace":
-            if not _NS.match(str(raw)):
-                raise ValueError(
-                    f"{raw!r} is not a valid namespace (letters, digits, _ . -; at most 128)"
-                )
-            return str(raw)
-        if kind == "seconds":
-            value = float(raw)
-            if not value > 0:
-                raise ValueError(f"must be a positive number of seconds, got {raw!r}")
-            return value
-        if kind == "size0":
-            return raw if isinstance(raw, int) else parse_size(str(raw))
-        if kind == "size":
-            value = raw if isinstance(raw, int) else parse_size(str(raw))
-            if value <= 0:
-                raise ValueError(f"must be positive, got {raw!r}")
-            return value
-        if kind in ("int", "posint"):
-            value = int(raw)
-            if value < 0 or (kind == "posint" and value == 0):
-                raise ValueError(f"must be a {'positive' if kind == 'posint' else 'non-negative'}"
-                                 f" integer, got {raw!r}")
-            return value
-        if kind == "path":
-            return Path(raw).expanduser()
-        return str(raw)
+        return _CONVERTERS[kind](raw, source)
     except ValueError as e:
         raise ConfigError(f"{source}: {e}") from None
 
