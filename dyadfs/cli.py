@@ -21,6 +21,7 @@ from typing import Any
 from . import __version__
 from . import config as config_mod
 from .errors import ConfigError, KVSError, UsageError
+from .mountinfo import fuse_mounted
 
 log = logging.getLogger("dyadfs")
 
@@ -194,7 +195,7 @@ def _start_daemon(cfg: config_mod.Config, argv: list[str]) -> int:
             return EXIT_FAIL
         data = mount_mod.read_info(info)
         if data is not None and data.get("pid") == proc.pid and \
-                mount_mod.fuse_mounted(cfg.mountpoint):
+                fuse_mounted(cfg.mountpoint):
             print(f"dyadfs: mounted {cfg.mountpoint} (pid {proc.pid}, role {cfg.role}, "
                   f"namespace {cfg.namespace}, log {logfile})")
             return 0
@@ -224,7 +225,7 @@ def _umount(args: argparse.Namespace) -> int:
 
     cfg = config_mod.build(args.dir, {})
     info = mount_mod.read_info(mount_mod.info_path(cfg))
-    if not mount_mod.fuse_mounted(cfg.mountpoint):
+    if not fuse_mounted(cfg.mountpoint):
         if info is None:
             raise UsageError(f"{cfg.mountpoint}: not mounted")
     else:

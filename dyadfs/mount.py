@@ -24,14 +24,19 @@ import pyfuse3
 import trio
 
 from . import __version__, keys
+from .backing import Backing
 from .catalog import Catalog
 from .config import Config
 from .errors import ConfigError, FetchError, KVSError, UsageError
-from .fs import Operations, Stats
+from .fs import Operations
+from .kernel import raise_readahead
 from .keys import MountRecord
 from .kvs import KVS, open_kvs
+from .mountinfo import fuse_mounted
 from .prefetch import Prefetcher
-from .pull import FileServer, Puller
+from .puller import Puller
+from .server import FileServer
+from .stats import Stats
 from .transport import Transport, default_host
 from .transport import load as load_transport
 from .transport.tcp import TCPTransport
@@ -52,24 +57,6 @@ def mount_id_for(config: Config) -> str:
     published before."""
     digest = hashlib.sha1(f"{socket.gethostname()}:{config.mountpoint}".encode()).hexdigest()
     return f"{socket.gethostname()}-{digest[:10]}"
-
-
-def fuse_mounted(path: Path) -> bool:
-    """Whether a FUSE file system is mounted at *path* (by /proc/self/mountinfo, which does not
-    touch the mount, so a dead daemon's mount does not hang or fail the check)."""
-    target = os.fsencode(str(path))
-    try:
-        with open("/proc/self/mountinfo", "rb") as f:
-            for line in f:
-                fields = line.split()
-                sep = fields.index(b"-")
-                point = fields[4].replace(b"\\040", b" ").replace(b"\\011", b"\t") \
-                    .replace(b"\\012", b"\n").replace(b"\\134", b"\\")
-                if point == target and fields[sep + 1].startswith(b"fuse"):
-                    return True
-    except OSError:
-        pass
-    return False
 
 
 def check_mountpoint(config: Config) -> None:
@@ -156,17 +143,14 @@ class Mount:
                 puller = await self._start_transport(stack, nursery, root_fd, catalog)
             ops = Operations(c, root_fd, catalog, puller, self.stats)
             ops.attach(nursery)
-            if puller is not None:
-                puller.is_open = ops.is_open
-                puller.on_installed = ops.installed
-                if c.prefetch:
-                    self.prefetcher = Prefetcher(c, root_fd, catalog, puller)
-                    await nursery.start(self.prefetcher.run)
+            if puller is not None and c.prefetch:
+                self.prefetcher = Prefetcher(c, root_fd, catalog, puller)
+                await nursery.start(self.prefetcher.run)
             options = {"fsname=dyadfs", "subtype=dyadfs", "default_permissions"}
             if os.geteuid() == 0:
                 options.add("allow_other")
             # INIT's answer sets read-ahead to at most the kernel's default; raise it after that.
-            ops.after_init = lambda: _raise_readahead(c.mountpoint)
+            ops.after_init = lambda: raise_readahead(c.mountpoint)
             pyfuse3.init(ops, str(c.mountpoint), options)
             stack.callback(self._close_fuse)
             control = await nursery.start(_serve_control, self)
@@ -210,8 +194,7 @@ class Mount:
         key = keys.mount_key(self.mount_id)
         await kvs.commit(c.namespace, {key: record.encode()})
         stack.push_async_callback(self._unregister, key)
-        puller = Puller(c, root_fd, catalog, transport, tcp, secret, self.stats,
-                        is_open=lambda rel: False)
+        puller = Puller(c, Backing(root_fd), catalog, transport, tcp, secret, self.stats)
         puller.attach(nursery)
         self.puller = puller
         log.info("serving on %s (%s), tcp %s", transport.address, transport.name, tcp.address)
@@ -234,22 +217,6 @@ class Mount:
                 self._terminated = True
                 pyfuse3.terminate()
                 return
-
-
-def _raise_readahead(mountpoint: Path, kib: int = 1024) -> None:
-    """Let the kernel read ahead 1 MiB (FUSE's default is 128 KiB), so that a sequential read
-    is 1 MiB per FUSE request instead of 128 KiB: fewer round trips through the daemon. Needs
-    root; else nothing changes. Must run after INIT's answer, which would cut it back."""
-    # Not os.stat(mountpoint): this runs on the FUSE loop's thread, which would have to answer.
-    target = os.fsencode(str(mountpoint))
-    try:
-        with open("/proc/self/mountinfo", "rb") as f:
-            devs = [line.split()[2].decode() for line in f
-                    if line.split()[4] == target and b" - fuse" in line]
-        if devs:
-            Path(f"/sys/class/bdi/{devs[-1]}/read_ahead_kb").write_text(str(kib))
-    except (OSError, IndexError) as e:
-        log.debug("read-ahead left at the kernel's default: %s", e)
 
 
 def _user_error(group: BaseExceptionGroup[Any]) -> Exception | None:

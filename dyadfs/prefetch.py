@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING
 import trio
 
 from .errors import DyadfsError
-from .fs import HIDDEN, show
 from .keys import FILES, FileRecord
+from .paths import HIDDEN, show
 
 if TYPE_CHECKING:
     from .catalog import Catalog
     from .config import Config
-    from .pull import Puller
+    from .puller import Puller
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class Prefetcher:
         self._pending: dict[bytes, None] = {}  # in publication order
         self._rescan = False
         self._changed = trio.Event()
-        puller.on_room = self._kick
+        puller.cache.on_room = self._kick
 
     @property
     def pending(self) -> int:
@@ -109,7 +109,7 @@ class Prefetcher:
     def _wanted(self, rel: bytes, rec: FileRecord) -> bool:
         if not rec.complete or rec.owner == self.catalog.mount_id:
             return False
-        if self.puller.local_version(rel) == rec.version:
+        if self.puller.cache.local_version(rel) == rec.version:
             return False
         pull = self.puller.active(rel)
         if pull is not None and pull.rec.version == rec.version:

@@ -18,6 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from dyadfs.bench import harness
+from dyadfs.mountinfo import fuse_mounted
+
 FUSE_OK = os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None
 needs_fuse = pytest.mark.skipif(not FUSE_OK, reason="needs /dev/fuse and fusermount3 (fuse3)")
 
@@ -43,7 +46,6 @@ def wait_for(cond, timeout: float = 10.0, what: str = "condition") -> None:  # t
 
 
 def is_fuse_mount(path: Path) -> bool:
-    from dyadfs.mount import fuse_mounted
     return fuse_mounted(Path(os.path.abspath(path)))
 
 
@@ -78,16 +80,15 @@ class FluxInstance:
             os.killpg(self.proc.pid, signal.SIGKILL)
 
 
-class Mounts:
-    """Starts mounts with the real CLI; tears every one of them down."""
+class Mounts(harness.Mounts):
+    """The shared harness's mounts, plus the tests' Flux instance: with one, mounts use the Flux
+    KVS, consumers on the second broker and everything else on the first (two "nodes")."""
 
     def __init__(self, state: Path, env: dict[str, str],
                  flux: FluxInstance | None = None) -> None:
-        self.state = state
-        self.env = env
+        super().__init__(state, env)
         self.flux = flux
         self.tag = os.urandom(4).hex()
-        self.mounted: list[tuple[Path, list[str] | None]] = []
 
     def ns(self, name: str) -> str:
         """The namespace a test's *name* stands for: one Flux instance serves every test, so
@@ -98,55 +99,18 @@ class Mounts:
     def backend(self) -> str:
         return "local" if self.flux is None else "flux"
 
-    def mount(self, path: Path, *opts: str, env: dict[str, str] | None = None,
-              prefix: list[str] | None = None) -> Path:
-        path.mkdir(parents=True, exist_ok=True)
-        log = self.state / f"log-{len(self.mounted)}-{path.name}.txt"
-        cmd = [*(prefix or []), sys.executable, "-m", "dyadfs", "mount", str(path),
-               "--log", str(log), *opts]
-        if env is None and self.flux is not None:
-            # consumers on the second broker, everything else on the first: two "nodes"
+    def options(self, path: Path, opts: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
+        args, env = list(opts), self.env
+        if self.flux is not None:
             rank = 1 if "consumer" in opts else 0
             env = {**self.env, "FLUX_URI": self.flux.uris[rank]}
-            cmd += ["--kvs", "flux"]
-            cmd = [self.ns(a) if i and cmd[i - 1] == "--namespace" else a
-                   for i, a in enumerate(cmd)]
-        self.mounted.append((path, prefix))
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env or self.env, timeout=90)
-        if r.returncode != 0:
-            logged = log.read_text() if log.exists() else ""
-            raise AssertionError(f"mount failed: {r.stderr}\n{logged}")
-        assert is_fuse_mount(path)
-        return path
-
-    def umount(self, path: Path) -> None:
-        r = subprocess.run([sys.executable, "-m", "dyadfs", "umount", str(path)],
-                           capture_output=True, text=True, env=self.env, timeout=90)
-        assert r.returncode == 0, r.stderr
-
-    def status(self, path: Path) -> dict:  # type: ignore[type-arg]
-        import json
-        return json.loads(dyadfs_cmd("status", "--json", str(path), env=self.env).stdout)
-
-    def logs(self) -> str:
-        return "\n".join(p.read_text(errors="replace") for p in sorted(self.state.glob("log-*")))
+            args += ["--kvs", "flux"]
+            args = [self.ns(a) if i and args[i - 1] == "--namespace" else a
+                    for i, a in enumerate(args)]
+        return args, env
 
     def teardown(self) -> None:
-        for path, _ in reversed(self.mounted):
-            if is_fuse_mount(path):
-                r = subprocess.run([sys.executable, "-m", "dyadfs", "umount", str(path)],
-                                   capture_output=True, text=True, env=self.env, timeout=90)
-                if r.returncode != 0 and is_fuse_mount(path):
-                    subprocess.run(["fusermount3", "-uz", str(path)], capture_output=True)
-        # A daemon whose mount is gone but which did not exit is a bug; never leave it running.
-        for info in (self.state / "mounts").glob("*.json") if (self.state / "mounts").exists() \
-                else []:
-            try:
-                import json
-                pid = json.loads(info.read_text())["pid"]
-                os.kill(pid, signal.SIGKILL)
-            except (OSError, ValueError, KeyError):
-                pass
+        self.close()
 
 
 @pytest.fixture

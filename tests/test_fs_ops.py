@@ -51,12 +51,12 @@ def test_every_handler_is_guarded() -> None:
 def test_unexpected_error_answers_eio_and_is_counted(tmp_path: Path, monkeypatch,
                                                      caplog) -> None:  # type: ignore[no-untyped-def]
     async def body(ops, kvs, backing):  # type: ignore[no-untyped-def]
-        monkeypatch.setattr(ops, "_lstat", lambda rel: 1 / 0)
+        monkeypatch.setattr(ops.backing, "lstat", lambda rel: 1 / 0)
         with pytest.raises(pyfuse3.FUSEError) as e:
             await ops.getattr(pyfuse3.ROOT_INODE, CTX)
         assert e.value.errno == errno.EIO
         assert ops.stats.unexpected == 1
-        monkeypatch.setattr(ops, "_lstat", lambda rel: (_ for _ in ()).throw(
+        monkeypatch.setattr(ops.backing, "lstat", lambda rel: (_ for _ in ()).throw(
             PermissionError(errno.EACCES, "no")))
         with pytest.raises(pyfuse3.FUSEError) as e:
             await ops.getattr(pyfuse3.ROOT_INODE, CTX)
@@ -104,8 +104,8 @@ def test_consumer_lookups(tmp_path: Path, caplog) -> None:  # type: ignore[no-un
 
 def test_open_of_unpublished_name_times_out(tmp_path: Path) -> None:
     async def body(ops, kvs, backing):  # type: ignore[no-untyped-def]
-        parent = ops._node(pyfuse3.ROOT_INODE)
-        node = ops._child(parent, b"late")
+        parent = ops.nodes.get(pyfuse3.ROOT_INODE)
+        node = ops.nodes.child(parent, b"late")
         node.provisional = "file"
         with pytest.raises(pyfuse3.FUSEError) as e:
             await ops.open(node.ino, os.O_RDONLY, SimpleNamespace(pid=os.getpid(), uid=0, gid=0))

@@ -1,23 +1,9 @@
-"""``dyadfs bench``: dyadfs' numbers, each beside its baseline measured in the same run.
-
-It starts its own mounts (a producer and consumers, each over its own backing directory so the
-backing can be read directly as a baseline), with its own embedded KVS, under a temporary
-directory, and removes them all at the end. Nothing here is asserted: it reports.
-
-Figures (see README, "Benchmarks"):
-- kvs: waiting-lookup wake latency across processes; CPU of an idle waiter.
-- metadata: create+close and stat latency through a producer mount and on its backing.
-- frame_latency: producer close() to consumer open+read done, consumer already waiting, for the
-  seed's 5,757 B frames (node-local pull; shared storage; a plain directory); frames per second.
-- pull: open+read of a published file of each size, beside a raw transfer of the same size
-  between the same two daemons (the transport's limit) and a plain local copy.
-- read / write: through the mount beside the backing directory.
-- scaling: frames per second and latency against the number of frames and of consumers.
+"""The bench's measurements: each function measures one figure and its baseline, in the same
+run, on mounts of the harness. Nothing here is asserted: the bench reports.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -26,7 +12,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -34,9 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .errors import UsageError
-from .mount import fuse_mounted, info_path, query_socket
+from .. import __version__
+from ..errors import UsageError
+from . import harness
 
 MiB = 1 << 20
 FRAME = 5757
@@ -77,45 +62,23 @@ def machine_info() -> dict[str, Any]:
             "dyadfs": __version__, "when": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
-class Mounts:
-    """The bench's own mounts; all unmounted at the end, whatever happens."""
+class Mounts(harness.Mounts):
+    """The bench's mounts: each over a backing directory of its own, made beside it under
+    *root*, so that the backing can be read directly as a baseline."""
 
     def __init__(self, root: Path, env: dict[str, str]) -> None:
+        super().__init__(Path(env["DYADFS_STATE_DIR"]), env)
         self.root = root
-        self.env = env
-        self.points: list[Path] = []
 
-    def mount(self, name: str, *opts: str) -> tuple[Path, Path]:
+    def mount_named(self, name: str, *opts: str) -> tuple[Path, Path]:
         mp, backing = self.root / name, self.root / f"{name}.backing"
-        mp.mkdir()
         backing.mkdir()
-        r = subprocess.run([sys.executable, "-m", "dyadfs", "mount", str(mp), "--backing",
-                            str(backing), "--log", str(self.root / f"{name}.log"), *opts],
-                           capture_output=True, text=True, env=self.env, timeout=120)
-        if r.returncode != 0:
-            raise UsageError(f"bench: cannot mount {name}: {r.stderr.strip()}")
-        self.points.append(mp)
+        self.mount(mp, "--backing", str(backing), *opts)
         return mp, backing
-
-    def control(self, mp: Path, request: dict[str, Any] | None = None,
-                timeout: float = 30) -> dict[str, Any]:
-        from . import config
-        cfg = config.build(mp, {}, env=self.env)
-        info = json.loads(info_path(cfg).read_text())
-        return query_socket(info["socket"], timeout, request)
-
-    def close(self) -> None:
-        for mp in reversed(self.points):
-            if fuse_mounted(mp):
-                r = subprocess.run([sys.executable, "-m", "dyadfs", "umount", str(mp)],
-                                   capture_output=True, env=self.env, timeout=120)
-                if r.returncode != 0:
-                    subprocess.run(["fusermount3", "-uz", str(mp)], capture_output=True)
-        self.points.clear()
 
 
 @contextlib.contextmanager
-def _mounts(root: Path, env: dict[str, str]) -> Iterator[Mounts]:
+def mounts(root: Path, env: dict[str, str]) -> Iterator[Mounts]:
     m = Mounts(root, env)
     try:
         yield m
@@ -123,7 +86,6 @@ def _mounts(root: Path, env: dict[str, str]) -> Iterator[Mounts]:
         m.close()
 
 
-# -- the embedded KVS ---------------------------------------------------------------------------
 def bench_kvs(root: Path, env: dict[str, str], n: int) -> dict[str, Any]:
     db = root / "kvsbench.sqlite"
     waiter = textwrap.dedent(f"""
@@ -157,7 +119,7 @@ def bench_kvs(root: Path, env: dict[str, str], n: int) -> dict[str, Any]:
         raise UsageError("bench: the KVS waiter did not start")
     import trio
 
-    from .kvs.local import LocalKVS
+    from ..kvs.local import LocalKVS
 
     async def commit_all() -> list[int]:
         kvs = LocalKVS(db)
@@ -405,9 +367,9 @@ def bench_prefetch(m: Mounts, ns: list[str], n: int) -> dict[str, Any]:
 
     A namespace of its own, so that the prefetcher has only these frames to pull."""
     own = [a + "-prefetch" if i and ns[i - 1] == "--namespace" else a for i, a in enumerate(ns)]
-    prod, _ = m.mount("pfprod", "--role", "producer", *own)
-    pf, pf_backing = m.mount("pf", "--role", "consumer", "--prefetch", *own)
-    cons, _ = m.mount("pfcons", "--role", "consumer", *own)
+    prod, _ = m.mount_named("pfprod", "--role", "producer", *own)
+    pf, pf_backing = m.mount_named("pf", "--role", "consumer", "--prefetch", *own)
+    cons, _ = m.mount_named("pfcons", "--role", "consumer", *own)
     (prod / "pf").mkdir()
     data = os.urandom(FRAME)
     for i in range(n):
@@ -444,11 +406,11 @@ def bench_kvs_compare(base: Path, env: dict[str, str], transport: str,
     for kvs in ("local", "flux"):
         root = base / f"kvs-{kvs}"
         root.mkdir()
-        with _mounts(root, env) as m:
+        with mounts(root, env) as m:
             ns = ["--namespace", f"bench-kvs-{kvs}-{os.getpid()}", "--transport", transport,
                   "--kvs", kvs]
-            prod, prod_b = m.mount("prod", "--role", "producer", *ns)
-            cons, _ = m.mount("cons", "--role", "consumer", *ns)
+            prod, prod_b = m.mount_named("prod", "--role", "producer", *ns)
+            cons, _ = m.mount_named("cons", "--role", "consumer", *ns)
             owner = m.control(prod)["mount_id"]
             lat = frame_latency(prod, cons, nlat, "lat")
             pull = bench_pull(m, prod, prod_b, cons, [16 * MiB], 3, owner)[0]
@@ -457,195 +419,3 @@ def bench_kvs_compare(base: Path, env: dict[str, str], transport: str,
 
 
 # -- the whole run --------------------------------------------------------------------------------
-def _consumer_counts(k: int) -> list[int]:
-    """1, 2, 4, ... up to *k*, and *k* itself."""
-    out, c = [], 1
-    while c < k:
-        out.append(c)
-        c *= 2
-    return [*out, k]
-
-
-def run_bench(args: argparse.Namespace) -> dict[str, Any]:
-    quick = bool(args.quick)
-    if args.frames is not None and args.frames < 2:
-        raise UsageError(f"--frames: at least 2, got {args.frames}")
-    if args.consumers is not None and not 1 <= args.consumers <= 16:
-        raise UsageError(f"--consumers: from 1 to 16, got {args.consumers}")
-    sizes = [int(float(s) * MiB) for s in (args.sizes or ([1, 16, 64] if quick
-                                                          else [1, 16, 64, 256]))]
-    nlat = args.frames or (100 if quick else 300)
-    transports = [args.transport] if args.transport else ["ucx", "tcp"]
-    base = Path(tempfile.mkdtemp(prefix="dyadfs-bench-", dir=args.dir))
-    env = dict(os.environ)
-    env["DYADFS_STATE_DIR"] = str(base / "state")
-    results: dict[str, Any] = {"machine": machine_info(), "quick": quick}
-    try:
-        results["kvs"] = bench_kvs(base, env, 100 if quick else 300)
-        results["frame_latency_baselines"] = {"plain_directory": plain_frame_latency(base, nlat)}
-        per: dict[str, Any] = {}
-        for transport in transports:
-            root = base / transport
-            root.mkdir()
-            with _mounts(root, env) as m:
-                ns = ["--namespace", f"bench-{transport}", "--transport", transport]
-                prod, prod_b = m.mount("prod", "--role", "producer", *ns)
-                cons, cons_b = m.mount("cons", "--role", "consumer", *ns)
-                owner = m.control(prod)["mount_id"]
-                r: dict[str, Any] = {}
-                lat = frame_latency(prod, cons, nlat, "lat")
-                fps = frames_per_second(prod, [cons], nlat, "fps")
-                r["frame_latency"] = {"frame_bytes": FRAME, **lat,
-                                      "frames_per_s": fps["frames_per_s"]}
-                r["pull"] = bench_pull(m, prod, prod_b, cons, sizes, 2 if quick else 3, owner)
-                rsize = max(s for s in sizes if s <= 64 * MiB)
-                r["read"] = bench_read(cons, cons_b, f"pull/s{rsize}-0", rsize)
-                r["write"] = bench_write(prod, prod_b, 16 * MiB, 4 if quick else 16)
-                r["write_1MiB"] = bench_write(prod, prod_b, MiB, 32 if quick else 128)
-                r["metadata"] = bench_metadata(prod, prod_b, 200 if quick else 1000)
-                r["prefetch"] = bench_prefetch(m, ns, nlat)
-                scaling_frames = []
-                for n in ([10, 100, 1000] if quick else [10, 100, 1000, 10000]):
-                    scaling_frames.append(frames_per_second(prod, [cons], n, f"sf{n}"))
-                r["scaling_frames"] = scaling_frames
-                scaling_cons = []
-                extra = [cons]
-                for k in _consumer_counts(args.consumers or (2 if quick else 4)):
-                    while len(extra) < k:
-                        c, _ = m.mount(f"cons{len(extra)}", "--role", "consumer", *ns)
-                        extra.append(c)
-                    scaling_cons.append(frames_per_second(prod, extra[:k], 100, f"sc{k}"))
-                r["scaling_consumers"] = scaling_cons
-                status = m.control(cons)
-                r["consumer_errors"] = status["errors"] + status["unexpected_errors"]
-                per[transport] = r
-            # shared storage (no copy) as the frame latency's other baseline
-        root = base / "shared"
-        root.mkdir()
-        with _mounts(root, env) as m:
-            shared = root / "shared.backing"
-            prod, _ = m.mount("sprod", "--role", "producer", "--shared-storage",
-                              "--namespace", "bench-shared")
-            shared_backing = root / "sprod.backing"
-            cmp_ = root / "scons"
-            cmp_.mkdir()
-            subprocess.run([sys.executable, "-m", "dyadfs", "mount", str(cmp_), "--backing",
-                            str(shared_backing), "--role", "consumer", "--shared-storage",
-                            "--namespace", "bench-shared", "--log", str(root / "scons.log")],
-                           check=True, capture_output=True, env=env, timeout=120)
-            m.points.append(cmp_)
-            del shared
-            results["frame_latency_baselines"]["shared_storage"] = frame_latency(
-                prod, cmp_, nlat, "lat")
-        results["transports"] = per
-        if env.get("FLUX_URI"):
-            results["kvs_compare"] = bench_kvs_compare(base, env, transports[0], nlat)
-        main = per.get("ucx") or per[transports[0]]
-        results["frame_latency"] = main["frame_latency"]
-        results["pull"] = main["pull"]
-        results["read"] = main["read"]
-        results["write"] = main["write"]
-        results["metadata"] = main["metadata"]
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
-    return results
-
-
-def render(res: dict[str, Any]) -> str:
-    m = res["machine"]
-    lines = [f"dyadfs bench on {m['cpu']}, {m['cores']} cores, {m['memory_GiB']} GiB, "
-             f"Linux {m['kernel']}, Python {m['python']}, UCX {m['ucx']}"]
-    k = res["kvs"]
-    lines.append(f"embedded KVS: waiting lookup wakes {k['wake_latency']['p50_ms']} ms (p50) / "
-                 f"{k['wake_latency']['p99_ms']} ms (p99) after the commit starts; "
-                 f"idle waiter {100 * k['idle_waiter_cpu_share']:.2f}% of a core")
-    b = res["frame_latency_baselines"]
-    lines.append(f"frame latency baselines: plain directory open+read "
-                 f"{b['plain_directory']['p50_ms']} ms p50; shared storage (wait, no copy) "
-                 f"{b['shared_storage']['p50_ms']} / {b['shared_storage']['p99_ms']} ms p50/p99")
-    for name, r in res["transports"].items():
-        f = r["frame_latency"]
-        lines.append(f"\n== transport {name}")
-        lines.append(f"frame latency ({f['frame_bytes']} B, consumer waiting): "
-                     f"p50 {f['p50_ms']} ms, p99 {f['p99_ms']} ms, {f['frames_per_s']} frames/s")
-        lines.append(f"{'size':>8} {'dyadfs MiB/s':>13} {'raw MiB/s':>10} {'ratio':>6} "
-                     f"{'local cp MiB/s':>15}")
-        for p in r["pull"]:
-            ratio = p["dyadfs_MiBps"] / p["ucx_raw_MiBps"] if p["ucx_raw_MiBps"] else 0
-            lines.append(f"{p['size_bytes'] // MiB:>6}Mi {p['dyadfs_MiBps']:>13} "
-                         f"{p['ucx_raw_MiBps']:>10} {ratio:>6.2f} {p['local_copy_MiBps']:>15}")
-        pf = r["prefetch"]
-        lines.append(f"--prefetch: open+read of a prefetched frame {pf['prefetched']['p50_ms']} ms "
-                     f"p50 ({pf['ratio_to_local']}x a local file through the mount, "
-                     f"{pf['local_mount']['p50_ms']} ms; backing {pf['local_backing']['p50_ms']}"
-                     f" ms); without prefetch (pulled at the open) "
-                     f"{pf['on_demand_pull']['p50_ms']} ms")
-        rd, wr, w1 = r["read"], r["write"], r["write_1MiB"]
-        lines.append(f"read of a pulled {rd['size_bytes'] // MiB} MiB file: mount "
-                     f"{rd['mount_MiBps']} MiB/s, backing {rd['backing_MiBps']} MiB/s")
-        lines.append(f"producer write+close, 16 MiB files: mount {wr['mount_MiBps']} MiB/s, "
-                     f"backing {wr['backing_MiBps']} MiB/s; 1 MiB files: mount "
-                     f"{w1['mount_MiBps']}, backing {w1['backing_MiBps']} MiB/s")
-        md = r["metadata"]
-        lines.append(f"create+close p50: mount {md['create_close_mount']['p50_ms']} ms, backing "
-                     f"{md['create_close_backing']['p50_ms']} ms; stat p50: mount "
-                     f"{md['stat_mount']['p50_ms']} ms, backing {md['stat_backing']['p50_ms']} ms")
-        for s in r["scaling_frames"]:
-            lines.append(f"  {s['frames']:>6} frames, 1 consumer: {s['frames_per_s']} frames/s, "
-                         f"latency p50 {s['p50_ms']} ms p99 {s['p99_ms']} ms (back to back)")
-        for s in r["scaling_consumers"]:
-            lines.append(f"  100 frames, {s['consumers']} consumers: {s['frames_per_s']} frames/s"
-                         f" ({s['frames_delivered_per_s']} delivered/s), p50 {s['p50_ms']} ms")
-    for kvs, r in res.get("kvs_compare", {}).items():
-        f = r["frame_latency"]
-        lines.append(f"KVS {kvs}: frame latency p50 {f['p50_ms']} ms, p99 {f['p99_ms']} ms; "
-                     f"16 MiB pull {r['pull_16MiB_MiBps']} MiB/s")
-    return "\n".join(lines)
-
-
-def plot(res: dict[str, Any], path: str) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UsageError("--plot needs matplotlib: pip install 'dyadfs[plot]'") from None
-    fig, (ax, lx) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, r in res["transports"].items():
-        xs = [p["size_bytes"] / MiB for p in r["pull"]]
-        ax.plot(xs, [p["dyadfs_MiBps"] for p in r["pull"]], "o-", label=f"dyadfs ({name})")
-        ax.plot(xs, [p["ucx_raw_MiBps"] for p in r["pull"]], "x--", label=f"raw {name}")
-    if res["transports"]:
-        r0 = next(iter(res["transports"].values()))
-        ax.plot([p["size_bytes"] / MiB for p in r0["pull"]],
-                [p["local_copy_MiBps"] for p in r0["pull"]], "s:", label="local copy")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("file size (MiB)")
-    ax.set_ylabel("MiB/s")
-    ax.set_title("pull throughput")
-    ax.legend()
-    curves = {f"node-local ({n})": r["frame_latency"].get("samples_ms", [])
-              for n, r in res["transports"].items()}
-    curves["shared storage"] = res["frame_latency_baselines"]["shared_storage"] \
-        .get("samples_ms", [])
-    for label, samples in curves.items():
-        if samples:
-            xs = sorted(samples)
-            lx.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=label)
-    lx.set_xscale("log")
-    lx.set_xlabel(f"frame latency, close() to open+read done (ms, {FRAME} B frames)")
-    lx.set_ylabel("fraction of frames")
-    lx.set_title("frame latency distribution")
-    lx.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-
-
-def main(args: argparse.Namespace) -> int:
-    res = run_bench(args)
-    print(render(res))
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2))
-    if args.plot:
-        plot(res, args.plot)
-    return 0

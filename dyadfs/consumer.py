@@ -1,0 +1,211 @@
+"""The consumer's rules: what a lookup of a missing name answers, and what an open for reading
+waits for.
+
+Where the waiting happens (design.md): LOOKUP always answers at once. For a reader that opens an
+unpublished name it answers with a provisional entry (zero timeouts); OPEN waits for the
+publication, then pulls or opens. The reader's intent comes from :mod:`dyadfs.intent`.
+
+A producer mount (``--role producer``) never waits: :attr:`Consumer.active` is False, a missing
+name is ENOENT at once, and an open is the plain directory's.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat as stat_mod
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING
+
+import trio
+from pyfuse3 import FUSEError
+
+from . import intent
+from .errors import DyadfsError, WaitTimeout
+from .keys import FileRecord
+from .paths import show
+
+if TYPE_CHECKING:
+    from .backing import Backing
+    from .catalog import Catalog
+    from .config import Config
+    from .puller import Pull, Puller
+    from .stats import Stats
+
+log = logging.getLogger(__name__)
+
+#: how often a waiting open checks that its caller still wants the answer (seconds)
+CALLER_CHECK = 0.25
+
+#: what a lookup of a name missing from the backing answers: a kind ("file", "dir") and the
+#: published record (None: provisional, or a directory), or "waited": look in the backing again
+Missing = tuple[str, FileRecord | None]
+
+
+class Consumer:
+    def __init__(self, config: Config, catalog: Catalog | None, puller: Puller | None,
+                 backing: Backing, stats: Stats) -> None:
+        self.cfg = config
+        self.catalog = catalog
+        self.puller = puller
+        self.backing = backing
+        self.stats = stats
+        self.active = config.waits and catalog is not None
+        self._warned_intent = False
+
+    # -- lookups -----------------------------------------------------------------------------
+    async def missing(self, name: bytes, rel: bytes, pid: int) -> Missing:
+        """A lookup of *rel*, which the backing does not have: a published file or directory,
+        a provisional entry for a reader about to open it, or ENOENT at once."""
+        if not self.active:
+            raise FUSEError(errno.ENOENT)
+        assert self.catalog is not None
+        rec = await self.catalog.get(rel)
+        if rec is not None and rec.complete:
+            return "file", rec
+        if await self.catalog.is_directory(rel):
+            return "dir", None
+        call = intent.caller(pid)
+        if call.intent is intent.Intent.UNKNOWN and not self._warned_intent:
+            self._warned_intent = True
+            log.warning("cannot read /proc/%d/syscall: lookups of unpublished names answer "
+                        "ENOENT instead of letting an open wait", pid)
+        if call.intent is intent.Intent.READ:
+            where = intent.role_of(name, rel, call.path)
+            return ("dir" if where == "dir" else "file"), None
+        if call.intent is intent.Intent.STAT and self.cfg.wait_on_stat:
+            await self.wait_published(rel, pid)
+            return "waited", None
+        raise FUSEError(errno.ENOENT)
+
+    async def record(self, rel: bytes) -> FileRecord | None:
+        """The published record of *rel* (the attributes of a provisional file)."""
+        assert self.catalog is not None
+        return await self.catalog.get(rel)
+
+    async def published_children(self, rel: bytes) -> dict[bytes, FileRecord | None]:
+        """Names published directly below directory *rel* (None: a directory)."""
+        if not self.active:
+            return {}
+        assert self.catalog is not None
+        return await self.catalog.children(rel)
+
+    # -- opening for reading -----------------------------------------------------------------
+    async def make_readable(self, rel: bytes, pid: int) -> Pull | None:
+        """Consumer side of an open for reading: wait, refresh or pull as the semantics table
+        says. Returns the pull to stream from when the file is still arriving."""
+        if not self.active:
+            return None
+        assert self.catalog is not None
+        st = self.backing.lstat_or_none(rel)
+        if st is not None and not stat_mod.S_ISREG(st.st_mode):
+            return None
+        if self.cfg.shared_storage:
+            await self._until_closed(rel, st is not None, pid)
+            return None
+        rec = await self.catalog.get(rel)
+        if rec is not None and (rec.owner == self.catalog.mount_id or not rec.complete):
+            return None  # ours: the local file is the truth
+        cache = self.puller.cache if self.puller is not None else None
+        if st is not None and (rec is None or (
+                cache is not None and cache.local_version(rel) == rec.version)):
+            if cache is not None:
+                cache.touch(rel)
+            return None  # present and current
+        if rec is None:
+            rec = await self.wait_published(rel, pid)
+            if rec.owner == self.catalog.mount_id:
+                return None
+        if self.puller is None:
+            raise DyadfsError(f"{os.fsdecode(rel)} is published by another mount and this mount "
+                              "has no transport to pull it", errno.EIO)
+        if self.cfg.verify:
+            await self.puller.ensure(rel, rec)  # verified before anyone reads a byte
+            return None
+        return await self.puller.start(rel, rec)
+
+    async def _until_closed(self, rel: bytes, present: bool, pid: int) -> None:
+        """Shared storage: wait until the file is there and nobody is writing it."""
+        assert self.catalog is not None
+        rec = await self.catalog.get(rel)
+        if present and (rec is None or rec.complete):
+            return  # present, and nobody is writing it
+        if rec is not None and not rec.complete:
+            await self.until_caller_dies(
+                pid, self.catalog.wait_not_writing(rel, self.cfg.wait_timeout), rel)
+            return
+        # Not there: wait for a publication whose file is there too (the backing is the
+        # truth; a record without its file is stale, from an earlier run).
+        await self.until_caller_dies(pid, self.catalog.wait_complete(
+            rel, self.cfg.wait_timeout, also=lambda: self.backing.exists(rel)), rel)
+
+    def changed_locally(self, rel: bytes) -> None:
+        """*rel* was written, removed or replaced here: it is no longer a pulled copy."""
+        if self.puller is not None:
+            self.puller.cache.forget(rel)
+
+    # -- waiting -----------------------------------------------------------------------------
+    async def wait_published(self, rel: bytes, pid: int) -> FileRecord:
+        assert self.catalog is not None
+        rec = await self.until_caller_dies(
+            pid, self.catalog.wait_complete(rel, self.cfg.wait_timeout), rel)
+        assert rec is not None
+        return rec
+
+    async def until_caller_dies(self, pid: int, wait: Awaitable[FileRecord | None],
+                                rel: bytes) -> FileRecord | None:
+        """Run *wait*, dropped if the process that asked is killed or interrupted first.
+
+        Once the daemon has read a request, the kernel keeps even a SIGKILLed caller in the
+        syscall until the answer comes (and pyfuse3 does not pass on FUSE_INTERRUPT), so the
+        caller's pending signals are watched: a deliverable one ends the wait with EINTR, after
+        which the signal takes effect (a killed ``cat`` dies, Python raises KeyboardInterrupt).
+        """
+        result: list[FileRecord | None] = []
+        failure: list[Exception] = []
+        self.stats.waiting += 1
+        try:
+            async with trio.open_nursery() as nursery:
+                async def waiter() -> None:
+                    try:
+                        result.append(await wait)
+                    except Exception as e:  # re-raised below, outside the nursery
+                        failure.append(e)
+                    nursery.cancel_scope.cancel()
+
+                async def watch() -> None:
+                    # No event tells that a signal is pending: a 4 Hz look at /proc is it.
+                    while caller_alive(pid):  # noqa: ASYNC110
+                        await trio.sleep(CALLER_CHECK)
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(waiter)
+                nursery.start_soon(watch)
+        finally:
+            self.stats.waiting -= 1
+        if failure:
+            if isinstance(failure[0], WaitTimeout):
+                self.stats.wait_timeouts += 1
+                log.warning("open of %s: not published after %s s: ETIMEDOUT",
+                            show(rel), self.cfg.wait_timeout)
+            raise failure[0]
+        if not result:
+            log.info("open of %s: the waiting process was signalled or is gone; wait dropped",
+                     show(rel))
+            raise FUSEError(errno.EINTR)
+        self.stats.waits_done += 1
+        return result[0]
+
+
+def caller_alive(tid: int) -> bool:
+    """False once thread *tid* is gone or has a signal pending that it will take."""
+    try:
+        with open(f"/proc/{tid}/status", "rb") as f:
+            fields = dict(line.split(b":", 1) for line in f if b":" in line)
+        pending = int(fields[b"SigPnd"], 16) | int(fields[b"ShdPnd"], 16)
+        blocked = int(fields[b"SigBlk"], 16) | int(fields[b"SigIgn"], 16)
+        state = fields[b"State"].split()[0]
+    except (OSError, KeyError, ValueError):
+        return False
+    return state not in (b"Z", b"X") and not pending & ~blocked

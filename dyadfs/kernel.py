@@ -1,0 +1,142 @@
+"""What the kernel may cache of each node, and making it forget.
+
+Names and attributes on a producer mount change only through it: the kernel caches them
+(:data:`STABLE_TIMEOUT`). On a consumer mount, names come and go with publications (LOOKUP must
+always ask), and files change behind the kernel's back (pulls, a shared backing): a regular
+file's attributes are cached, and OPEN drops them when the file is not what the kernel was told
+(close-to-open: a stale size would cut reads short). ``Node.told`` remembers what it was told.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat as stat_mod
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pyfuse3
+
+from .mountinfo import fuse_device
+from .nodes import Handle, Node
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .keys import FileRecord
+
+log = logging.getLogger(__name__)
+
+#: attribute/entry timeout of names whose content only changes through this mount
+STABLE_TIMEOUT = 1.0
+
+
+class KernelCache:
+    def __init__(self, config: Config, owner: os.stat_result) -> None:
+        self._timeout = STABLE_TIMEOUT if config.role == "producer" else 0.0
+        self._track = config.role != "producer"
+        self._owner = owner
+
+    def entry(self, node: Node, st: os.stat_result,
+              timeout: float | None = None) -> pyfuse3.EntryAttributes:
+        """The attributes of a name present in the backing, as the kernel will cache them."""
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = node.ino
+        e.generation = 0
+        t = self._timeout if timeout is None else timeout
+        e.entry_timeout = t
+        e.attr_timeout = t
+        if self._track and timeout is None and stat_mod.S_ISREG(st.st_mode):
+            e.attr_timeout = STABLE_TIMEOUT
+            node.told = (st.st_size, st.st_mtime_ns)
+        e.st_mode = st.st_mode
+        e.st_nlink = st.st_nlink
+        e.st_uid = st.st_uid
+        e.st_gid = st.st_gid
+        e.st_rdev = st.st_rdev
+        e.st_size = st.st_size
+        e.st_blksize = st.st_blksize
+        e.st_blocks = st.st_blocks
+        e.st_atime_ns = st.st_atime_ns
+        e.st_mtime_ns = st.st_mtime_ns
+        e.st_ctime_ns = st.st_ctime_ns
+        return e
+
+    def synthetic(self, node: Node, kind: str,
+                  rec: FileRecord | None) -> pyfuse3.EntryAttributes:
+        """Attributes of a name that is not in the backing: published elsewhere, or
+        provisional. Never cached: the next look asks again."""
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = node.ino
+        e.entry_timeout = 0
+        e.attr_timeout = 0
+        root = self._owner
+        e.st_uid, e.st_gid = root.st_uid, root.st_gid
+        if kind == "dir":
+            e.st_mode = stat_mod.S_IFDIR | 0o755
+            e.st_nlink = 2
+            e.st_mtime_ns = e.st_ctime_ns = e.st_atime_ns = root.st_mtime_ns
+        else:
+            e.st_mode = stat_mod.S_IFREG | (rec.mode if rec else 0o644)
+            e.st_nlink = 1
+            e.st_size = rec.size if rec else 0
+            e.st_blocks = (e.st_size + 511) // 512
+            t = rec.mtime_ns if rec else root.st_mtime_ns
+            e.st_mtime_ns = e.st_ctime_ns = e.st_atime_ns = t
+        e.st_blksize = 4096
+        return e
+
+    def check_told(self, node: Node, fd: int) -> None:
+        """Drop the kernel's cached attributes of *node* if the file changed since (a pull, a
+        writer on a shared backing). Attributes only: no pages, so no lock to wait for."""
+        if node.told is not None:
+            st = os.fstat(fd)
+            if node.told != (st.st_size, st.st_mtime_ns):
+                invalidate(node, attr_only=True)
+
+    def replaced(self, node: Node | None) -> None:
+        """A new file was put at *node*'s name (a pull): what the kernel caches of the old one
+        goes."""
+        if node is not None and node.told is not None:
+            invalidate(node, attr_only=True)
+
+    def file_info(self, handle: Handle, flags: int) -> pyfuse3.FileInfo:
+        """Writes of a handle open for writing only go straight to the daemon (FOPEN_DIRECT_IO)
+        instead of through the kernel's page cache first: one page-cache fill and one copy
+        less per byte (measured here: 16 MiB files written through a producer mount 400 ->
+        640-1150 MiB/s). Invisible to programs: such a descriptor cannot be mmapped, and
+        cached pages of other open descriptors are dropped after each write (see
+        :meth:`after_direct_write`)."""
+        handle.direct = flags & os.O_ACCMODE == os.O_WRONLY
+        return pyfuse3.FileInfo(fh=handle.fh, direct_io=handle.direct)
+
+    def needs_page_drop(self, handle: Handle) -> bool:
+        """Whether a direct write through *handle* may leave stale pages in the kernel: another
+        descriptor may hold pages cached before it (``tail -f`` of a log)."""
+        return handle.direct and len(handle.node.handles) > 1
+
+
+def invalidate(node: Node, attr_only: bool = False) -> None:
+    """Make the kernel forget what it caches of *node* (its attributes, and its pages unless
+    *attr_only*). Dropping pages may wait for a page a READ of ours holds locked: call it from
+    a worker thread unless *attr_only*."""
+    node.told = None
+    try:
+        pyfuse3.invalidate_inode(node.ino, attr_only=attr_only)
+    except OSError as e:  # ENOENT: the kernel forgot the inode already
+        log.debug("invalidating inode %d: %s", node.ino, e)
+
+
+def raise_readahead(mountpoint: Path, kib: int = 1024) -> None:
+    """Let the kernel read ahead 1 MiB (FUSE's default is 128 KiB), so that a sequential read
+    is 1 MiB per FUSE request instead of 128 KiB: fewer round trips through the daemon. Needs
+    root; else nothing changes. Must run after INIT's answer, which would cut it back.
+
+    Not ``os.stat(mountpoint)`` to find the device: this runs on the FUSE loop's thread, which
+    would have to answer it."""
+    device = fuse_device(mountpoint)
+    if device is None:
+        return
+    try:
+        Path(f"/sys/class/bdi/{device}/read_ahead_kb").write_text(str(kib))
+    except OSError as e:
+        log.debug("read-ahead left at the kernel's default: %s", e)

@@ -1,0 +1,69 @@
+"""Serving the files this mount published to the mounts that pull them.
+
+A fetch names a published path and version (see transport/protocol.py). Everything else is
+refused and logged: a wrong secret or namespace, a path this mount did not publish, a version
+that is not the published one, ``..``, an absolute path or a symlink on the way (paths are opened
+component by component with ``O_NOFOLLOW`` under the backing directory's descriptor), a file that
+changed since its publication.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import TYPE_CHECKING
+
+from .errors import DyadfsError, FetchError
+from .transport.protocol import Request, Served, check_secret, open_beneath, refuse
+
+if TYPE_CHECKING:
+    from .catalog import Catalog
+    from .stats import Stats
+
+RAW_MAX = 4 << 30
+
+
+class FileServer:
+    def __init__(self, root_fd: int, catalog: Catalog, secret: str, stats: Stats) -> None:
+        self.root_fd = root_fd
+        self.catalog = catalog
+        self.secret = secret
+        self.stats = stats
+
+    async def handle(self, req: Request) -> Served:
+        why = check_secret(req, self.catalog.ns, lambda: self.secret)
+        if why is not None:
+            return refuse(errno.EACCES, why, req)
+        if req.raw:
+            return self._raw(req)
+        try:
+            rec = await self.catalog.get(req.path)
+        except DyadfsError as e:
+            return refuse(errno.EIO, str(e), req)
+        if rec is None or not rec.complete or rec.owner != self.catalog.mount_id:
+            return refuse(errno.ENOENT, "not published by this mount", req)
+        if rec.version != req.version:
+            return refuse(errno.ESTALE, f"version {req.version} is not the published one "
+                          f"({rec.version})", req)
+        try:
+            fd = open_beneath(self.root_fd, req.path)
+        except FetchError as e:
+            return refuse(e.errno, str(e), req)
+        except OSError as e:
+            return refuse(e.errno or errno.EIO, e.strerror or str(e), req)
+        st = os.fstat(fd)
+        if st.st_size != rec.size:
+            os.close(fd)
+            return refuse(errno.ESTALE, "the file changed since its publication", req)
+        self.stats.served += 1
+        self.stats.bytes_served += st.st_size
+        return Served(fd=fd, size=st.st_size, verify=req.verify, _st=st)
+
+    @staticmethod
+    def _raw(req: Request) -> Served:
+        """``dyadfs bench``: zeros from memory, the transport's own limit."""
+        if not 0 < req.raw <= RAW_MAX:
+            return refuse(errno.EINVAL, f"raw size {req.raw} out of range", req)
+        fd = os.memfd_create("dyadfs-raw")
+        os.ftruncate(fd, req.raw)
+        return Served(fd=fd, size=req.raw, _st=os.fstat(fd))

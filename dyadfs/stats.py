@@ -1,0 +1,21 @@
+"""What a mount counts, for ``dyadfs status`` (and the tests that read it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Stats:
+    published: int = 0
+    waiting: int = 0
+    waits_done: int = 0
+    wait_timeouts: int = 0
+    pulled: int = 0
+    prefetched: int = 0
+    pulling: int = 0
+    bytes_pulled: int = 0
+    served: int = 0
+    bytes_served: int = 0
+    errors: int = 0
+    unexpected: int = 0
