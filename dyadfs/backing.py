@@ -8,6 +8,7 @@ decides anything (no policy: see producer.py and consumer.py for the rules).
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 from typing import Any
 
@@ -118,3 +119,21 @@ class Backing:
 
     def utime(self, rel: bytes, ns: tuple[int, int]) -> None:
         os.utime(rel, ns=ns, dir_fd=self.root_fd, follow_symlinks=False)
+
+
+def fallocate(fd: int, size: int) -> bool:
+    """Allocate the blocks of the first *size* bytes of *fd* (fallocate(2), mode 0): True when
+    done, False when the file system cannot (EOPNOTSUPP: nothing allocated, the caller writes
+    with pwrite instead). ENOSPC and other errors are raised: a full disk is known before a
+    single byte is received."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    if size == 0:
+        return True
+    if _libc.fallocate(fd, 0, ctypes.c_int64(0), ctypes.c_int64(size)) == 0:
+        return True
+    e = ctypes.get_errno()
+    if e in (errno.EOPNOTSUPP, errno.ENOSYS):
+        return False
+    raise OSError(e, os.strerror(e))

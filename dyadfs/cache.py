@@ -34,6 +34,7 @@ class Cache:
         self._versions: dict[bytes, int] = {}
         self._lru: collections.OrderedDict[bytes, int] = collections.OrderedDict()
         self._unread: set[bytes] = set()  # prefetched, not opened since
+        self._epochs: dict[bytes, int] = {}  # local changes of a path, counted
         #: whether a handle is open on a path (the file system's; open copies stay)
         self.is_open: Callable[[bytes], bool] = lambda rel: False
         #: whether a path is being pulled (the puller's; such copies stay)
@@ -82,8 +83,15 @@ class Cache:
             self._unread.discard(rel)
             self.room()
 
+    def epoch(self, rel: bytes) -> int:
+        """How many times *rel* was changed locally (a pull started before a change must not
+        be installed over it)."""
+        return self._epochs.get(rel, 0)
+
     def forget(self, rel: bytes) -> None:
-        """*rel* was removed or replaced locally: it is no longer a pulled copy."""
+        """*rel* was written, removed or replaced locally: it is no longer a pulled copy, and
+        is never evicted."""
+        self._epochs[rel] = self._epochs.get(rel, 0) + 1
         self._versions.pop(rel, None)
         self._lru.pop(rel, None)
         self._unread.discard(rel)

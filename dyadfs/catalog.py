@@ -83,6 +83,11 @@ class Catalog:
                          mtime_ns=time.time_ns(), mode=mode & 0o7777, owner=self.mount_id)
         await self.kvs.commit(self.ns, {_key_of(rel): rec.encode()})
 
+    async def restore(self, rel: bytes, rec: FileRecord) -> None:
+        """Put back *rec*, a record of *rel* read before (a "writing" mark withdrawn)."""
+        await self.kvs.commit(self.ns, {_key_of(rel): rec.encode(),
+                                        **self._dyad_puts(rel, rec.complete)})
+
     async def remove(self, rel: bytes) -> None:
         await self.kvs.commit(self.ns, {_key_of(rel): None, **self._dyad_puts(rel, False)})
 
@@ -119,13 +124,16 @@ class Catalog:
             await self.kvs.commit(self.ns, puts)
 
     async def wait_complete(self, rel: bytes, timeout: float | None,
-                            also: Callable[[], bool] | None = None) -> FileRecord:
-        """Wait until *rel* is published and complete, and *also* holds (raises WaitTimeout)."""
+                            also: Callable[[], bool] | None = None,
+                            newer_than: int | None = None) -> FileRecord:
+        """Wait until *rel* is published and complete (in a version other than *newer_than*),
+        and *also* holds (raises WaitTimeout)."""
         key = _key_of(rel)
 
         def ready(raw: bytes | None) -> bool:
             rec = self._decode(raw, key)
-            return rec is not None and rec.complete and (also is None or also())
+            return rec is not None and rec.complete and rec.version != newer_than and \
+                (also is None or also())
 
         raw = await self.kvs.wait_until(self.ns, key, ready, timeout)
         rec = self._decode(raw, key)

@@ -60,8 +60,10 @@ def _parser() -> argparse.ArgumentParser:
                    "--cache-size)")
     m.add_argument("--wait-timeout", metavar="SECONDS",
                    help="fail a waiting open with ETIMEDOUT after this long (default: forever)")
-    m.add_argument("--wait-on-stat", action="store_const", const=True,
-                   help="stat of an unpublished name waits like an open")
+    m.add_argument("--wait-on-stat", nargs="?", const="**", metavar="PATTERN[,PATTERN...]",
+                   help="a stat of an unpublished name matching one of these globs (relative "
+                   "to DIR; * within a name, ** across directories; e.g. '*.h5,group*/**') "
+                   "waits like an open; alone: every name")
     m.add_argument("--fetch-timeout", metavar="SECONDS",
                    help="give up a pull from an unreachable owner after this long (default 10)")
     m.add_argument("--kvs", metavar="local|local:PATH|flux",

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .patterns import translate
 
 ROLES = ("producer", "consumer", "both")
 TRANSPORTS = ("ucx", "tcp")
@@ -43,7 +44,7 @@ class Config:
     cache_size: int | None = None
     prefetch: bool = False
     wait_timeout: float | None = None
-    wait_on_stat: bool = False
+    wait_on_stat: tuple[str, ...] = ()  # globs of names whose stat waits (** : all)
     fetch_timeout: float = 10.0
     kvs: str = "local"
     transport: str = "ucx"
@@ -82,7 +83,7 @@ _FIELDS: dict[str, tuple[str, str | None, str]] = {
     "cache_size": ("DYADFS_CACHE_SIZE", None, "size"),
     "prefetch": ("DYADFS_PREFETCH", None, "bool"),
     "wait_timeout": ("DYADFS_WAIT_TIMEOUT", None, "seconds"),
-    "wait_on_stat": ("DYADFS_WAIT_ON_STAT", None, "bool"),
+    "wait_on_stat": ("DYADFS_WAIT_ON_STAT", None, "patterns"),
     "fetch_timeout": ("DYADFS_FETCH_TIMEOUT", None, "seconds"),
     "kvs": ("DYADFS_KVS", None, "kvs"),
     "transport": ("DYADFS_TRANSPORT", "DYAD_DTL_MODE", "transport"),
@@ -179,6 +180,24 @@ def _integer(positive: bool) -> Callable[[Any, str], int]:
     return convert
 
 
+def _patterns(raw: Any, source: str) -> tuple[str, ...]:
+    """Comma-separated globs; a boolean word stands for all names or none."""
+    if isinstance(raw, bool):
+        return ("**",) if raw else ()
+    text = str(raw).strip()
+    if text.lower() in _TRUE:
+        return ("**",)
+    if text.lower() in _FALSE:
+        return ()
+    patterns = tuple(p.strip() for p in text.split(",") if p.strip())
+    for p in patterns:
+        try:
+            re.compile(translate(p))
+        except re.error as e:
+            raise ValueError(f"bad pattern {p!r}: {e}") from None
+    return patterns
+
+
 def _path(raw: Any, source: str) -> Path:
     return Path(raw).expanduser()
 
@@ -192,6 +211,7 @@ _CONVERTERS: dict[str, Callable[[Any, str], Any]] = {
     "bool": _bool, "role": _choice(ROLES), "transport": _transport, "kvs": _kvs,
     "namespace": _namespace, "seconds": _seconds, "size": _size(True), "size0": _size(False),
     "int": _integer(False), "posint": _integer(True), "path": _path, "str": _str,
+    "patterns": _patterns,
 }
 
 

@@ -22,14 +22,16 @@ import trio
 from pyfuse3 import FUSEError
 
 from . import intent
-from .errors import DyadfsError, WaitTimeout
+from .errors import DyadfsError, FetchError, WaitTimeout
 from .keys import FileRecord
 from .paths import show
+from .patterns import matcher
 
 if TYPE_CHECKING:
     from .backing import Backing
     from .catalog import Catalog
     from .config import Config
+    from .nodes import Handle
     from .puller import Pull, Puller
     from .stats import Stats
 
@@ -53,6 +55,7 @@ class Consumer:
         self.stats = stats
         self.active = config.waits and catalog is not None
         self._warned_intent = False
+        self._stat_waits = matcher(config.wait_on_stat)
 
     # -- lookups -----------------------------------------------------------------------------
     async def missing(self, name: bytes, rel: bytes, pid: int) -> Missing:
@@ -74,10 +77,26 @@ class Consumer:
         if call.intent is intent.Intent.READ:
             where = intent.role_of(name, rel, call.path)
             return ("dir" if where == "dir" else "file"), None
-        if call.intent is intent.Intent.STAT and self.cfg.wait_on_stat:
-            await self.wait_published(rel, pid)
+        if call.intent is intent.Intent.STAT and self._stat_waits(rel):
+            await self.wait_published(rel, pid, "stat")
             return "waited", None
         raise FUSEError(errno.ENOENT)
+
+    async def stale(self, rel: bytes, st: os.stat_result) -> bool:
+        """Whether *rel*, present here, is a pulled copy of a version that is no longer the
+        published one. Its lookup then answers a new provisional node, so that the open pulls
+        the new version into a node of its own: the old one's cached pages stay with the
+        descriptors still reading the old version."""
+        if not self.active or self.cfg.shared_storage or self.puller is None or \
+                not stat_mod.S_ISREG(st.st_mode):
+            return False
+        version = self.puller.cache.local_version(rel)
+        if version is None:
+            return False
+        assert self.catalog is not None
+        rec = await self.catalog.get(rel)
+        return rec is not None and rec.complete and rec.version != version and \
+            rec.owner != self.catalog.mount_id
 
     async def record(self, rel: bytes) -> FileRecord | None:
         """The published record of *rel* (the attributes of a provisional file)."""
@@ -120,10 +139,26 @@ class Consumer:
         if self.puller is None:
             raise DyadfsError(f"{os.fsdecode(rel)} is published by another mount and this mount "
                               "has no transport to pull it", errno.EIO)
-        if self.cfg.verify:
-            await self.puller.ensure(rel, rec)  # verified before anyone reads a byte
-            return None
-        return await self.puller.start(rel, rec)
+        while True:
+            try:
+                if self.cfg.verify:
+                    await self.puller.ensure(rel, rec)  # verified before anyone reads a byte
+                    return None
+                return await self.puller.start(rel, rec)
+            except FetchError as e:
+                if e.errno != errno.ESTALE:
+                    raise
+            # The owner is rewriting the file: this open gets the version it publishes next.
+            rec = await self._newer(rel, rec.version, pid)
+            if rec.owner == self.catalog.mount_id:
+                return None
+
+    async def _newer(self, rel: bytes, version: int, pid: int) -> FileRecord:
+        assert self.catalog is not None
+        rec = await self.until_caller_dies(pid, self.catalog.wait_complete(
+            rel, self.cfg.wait_timeout, newer_than=version), rel)
+        assert rec is not None
+        return rec
 
     async def _until_closed(self, rel: bytes, present: bool, pid: int) -> None:
         """Shared storage: wait until the file is there and nobody is writing it."""
@@ -140,21 +175,42 @@ class Consumer:
         await self.until_caller_dies(pid, self.catalog.wait_complete(
             rel, self.cfg.wait_timeout, also=lambda: self.backing.exists(rel)), rel)
 
+    def opened(self, handle: Handle, local_writers: bool) -> None:
+        """Shared storage: remember which bytes a reader opened (see :meth:`check_read`). Not
+        when this mount writes the file itself: that is local semantics, as on any
+        directory."""
+        if self.active and self.cfg.shared_storage and not local_writers and \
+                handle.flags & os.O_ACCMODE == os.O_RDONLY:
+            st = os.fstat(handle.fd)
+            handle.opened = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def check_read(self, handle: Handle, rel: bytes) -> None:
+        """Shared storage cannot keep a version's bytes once its producer rewrites the file in
+        place: a read that may have seen the new bytes (the file changed since the open,
+        checked after the read) fails with ESTALE rather than hand out a mix of versions."""
+        if handle.opened is None:
+            return
+        st = os.fstat(handle.fd)
+        if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != handle.opened:
+            self.stats.errors += 1
+            log.warning("%s changed under a reader on shared storage: ESTALE", show(rel))
+            raise FUSEError(errno.ESTALE)
+
     def changed_locally(self, rel: bytes) -> None:
         """*rel* was written, removed or replaced here: it is no longer a pulled copy."""
         if self.puller is not None:
             self.puller.cache.forget(rel)
 
     # -- waiting -----------------------------------------------------------------------------
-    async def wait_published(self, rel: bytes, pid: int) -> FileRecord:
+    async def wait_published(self, rel: bytes, pid: int, what: str = "open") -> FileRecord:
         assert self.catalog is not None
         rec = await self.until_caller_dies(
-            pid, self.catalog.wait_complete(rel, self.cfg.wait_timeout), rel)
+            pid, self.catalog.wait_complete(rel, self.cfg.wait_timeout), rel, what)
         assert rec is not None
         return rec
 
     async def until_caller_dies(self, pid: int, wait: Awaitable[FileRecord | None],
-                                rel: bytes) -> FileRecord | None:
+                                rel: bytes, what: str = "open") -> FileRecord | None:
         """Run *wait*, dropped if the process that asked is killed or interrupted first.
 
         Once the daemon has read a request, the kernel keeps even a SIGKILLed caller in the
@@ -187,12 +243,12 @@ class Consumer:
         if failure:
             if isinstance(failure[0], WaitTimeout):
                 self.stats.wait_timeouts += 1
-                log.warning("open of %s: not published after %s s: ETIMEDOUT",
+                log.warning("%s of %s: not published after %s s: ETIMEDOUT", what,
                             show(rel), self.cfg.wait_timeout)
             raise failure[0]
         if not result:
-            log.info("open of %s: the waiting process was signalled or is gone; wait dropped",
-                     show(rel))
+            log.info("%s of %s: the waiting process was signalled or is gone; wait dropped",
+                     what, show(rel))
             raise FUSEError(errno.EINTR)
         self.stats.waits_done += 1
         return result[0]

@@ -27,8 +27,9 @@ from pyfuse3 import FUSEError
 from .backing import Backing
 from .consumer import Consumer
 from .errors import DyadfsError
-from .kernel import KernelCache, invalidate
-from .nodes import ROOT, Handle, Node, Nodes
+from .kernel import KernelCache, invalidate, mapped_writable
+from .mountinfo import fuse_device
+from .nodes import ROOT, Handle, Node, Nodes, key_of
 from .paths import HIDDEN, join
 from .producer import Producer
 from .stats import Stats
@@ -97,15 +98,16 @@ class Operations(pyfuse3.Operations):
         self.nodes = Nodes()
         self.kernel = KernelCache(config, self.backing.owner)
         self.producer = Producer(config, catalog, self.stats)
+        self.producer.mapped = self._mapped
         self.consumer = Consumer(config, catalog, puller, self.backing, self.stats)
         self.catalog = catalog
         self._am_root = os.geteuid() == 0
+        self._device: str | None = None
         self._nursery: trio.Nursery | None = None
         #: called once the kernel's INIT is answered (what the answer sets is final by then)
         self.after_init: Callable[[], None] | None = None
         if puller is not None:
             puller.cache.is_open = self.nodes.is_open
-            puller.on_installed = self.installed
 
     def init(self) -> None:
         # pyfuse3 calls this inside INIT, before the reply: the work runs just after it.
@@ -124,9 +126,10 @@ class Operations(pyfuse3.Operations):
         self._nursery = nursery
         self.producer.attach(nursery)
 
-    def installed(self, rel: bytes) -> None:
-        """A pull put a new file at *rel*: what the kernel caches of the old one goes."""
-        self.kernel.replaced(self.nodes.find(rel))
+    def _mapped(self, handle: Handle) -> bool:
+        if self._device is None:
+            self._device = fuse_device(self.cfg.mountpoint)
+        return self._device is not None and mapped_writable(self._device, handle.node.ino)
 
     # -- lookup --------------------------------------------------------------------------
     async def lookup(self, parent_inode: int, name: bytes,
@@ -145,16 +148,12 @@ class Operations(pyfuse3.Operations):
                       pid: int) -> pyfuse3.EntryAttributes:
         while True:  # after a wait (--wait-on-stat), look in the backing again
             st = self.backing.lstat_or_none(rel)
-            if st is not None:
-                node = self.nodes.child(parent, name)
-                node.provisional = None
-                return self.kernel.entry(node, st)
+            if st is not None and not await self.consumer.stale(rel, st):
+                return self.kernel.entry(self.nodes.present(parent, name, st), st)
             kind, rec = await self.consumer.missing(name, rel, pid)
             if kind != "waited":
                 break
-        node = self.nodes.child(parent, name)
-        node.provisional = kind
-        return self.kernel.synthetic(node, kind, rec)
+        return self.kernel.synthetic(self.nodes.absent(parent, name, kind), kind, rec)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, nlookup in inode_list:
@@ -166,7 +165,10 @@ class Operations(pyfuse3.Operations):
 
     async def _getattr(self, node: Node) -> pyfuse3.EntryAttributes:
         for handle in self.nodes.handles_of(node):  # open, perhaps unlinked: it knows best
-            return self.kernel.entry(node, os.fstat(handle.fd))
+            if handle.own:
+                pull = handle.pull
+                arriving = pull.rec if pull is not None and not pull.done else None
+                return self.kernel.entry(node, os.fstat(handle.fd), arriving=arriving)
         rel = self.nodes.rel(node)
         try:
             return self.kernel.entry(node, self.backing.lstat(rel))
@@ -183,17 +185,17 @@ class Operations(pyfuse3.Operations):
         handle = self.nodes.handle_or_none(fh)
         rel = self.nodes.rel(node)
         if fields.update_size:
-            await self._set_size(rel, handle, attr.st_size)
+            await self._set_size(node, rel, handle, attr.st_size)
         if fields.update_mode:
             mode = stat_mod.S_IMODE(attr.st_mode)
             if handle is not None:
                 os.chmod(handle.fd, mode)
             else:
                 self.backing.chmod(rel, mode)
-        if fields.update_uid or fields.update_gid:
+        if fields.update_uid or fields.update_gid or fields.update_ctime:
             uid = attr.st_uid if fields.update_uid else -1
             gid = attr.st_gid if fields.update_gid else -1
-            if handle is not None:
+            if handle is not None:  # chown(-1, -1) is how a ctime moves to now
                 os.chown(handle.fd, uid, gid)
             else:
                 self.backing.chown(rel, uid, gid)
@@ -204,19 +206,27 @@ class Operations(pyfuse3.Operations):
             await self.producer.attributes_changed(rel, self.backing.lstat(rel))
         return await self._getattr(node)
 
-    async def _set_size(self, rel: bytes, handle: Handle | None, size: int) -> None:
-        if handle is not None:
-            os.truncate(handle.fd, size)
-            handle.written = True
-            return
-        publishes = await self.producer.before_write(rel)
-        fd = self.backing.open(rel, os.O_WRONLY)
+    async def _set_size(self, node: Node, rel: bytes, handle: Handle | None, size: int) -> None:
+        self.consumer.changed_locally(rel)
+        if handle is None:
+            await self.producer.mark(rel)
+        self.producer.changing(node.key)
+        fd = handle.fd if handle is not None else self.backing.open(rel, os.O_WRONLY)
         try:
-            os.truncate(fd, size)
-            if publishes:
-                await self.producer.publish(rel, fd)
+            try:
+                os.truncate(fd, size)
+            except OSError as e:
+                self.producer.failed(node.key, rel, e)
+                raise
+            if size == 0:
+                self.producer.truncated_to_zero(node.key)
+            if handle is not None:
+                handle.written = True
+            else:
+                await self.producer.publish(self.nodes.rels(node), fd)
         finally:
-            os.close(fd)
+            if handle is None:
+                os.close(fd)
 
     def _set_times(self, rel: bytes, handle: Handle | None, attr: pyfuse3.EntryAttributes,
                    fields: pyfuse3.SetattrFields) -> None:
@@ -237,10 +247,10 @@ class Operations(pyfuse3.Operations):
             self.backing.chown(rel, ctx.uid, ctx.gid)
 
     def _new_entry(self, parent: Node, name: bytes) -> pyfuse3.EntryAttributes:
-        node = self.nodes.child(parent, name)
-        node.provisional = None
+        st = self.backing.lstat(self.nodes.path_of(parent, name))
+        node = self.nodes.present(parent, name, st)
         node.lookups += 1
-        return self.kernel.entry(node, self.backing.lstat(self.nodes.rel(node)))
+        return self.kernel.entry(node, st)
 
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -273,8 +283,9 @@ class Operations(pyfuse3.Operations):
         old = self.nodes.rel(node)
         new = self.nodes.path_of(parent, new_name)
         self.backing.link(old, new)
+        entry = self._new_entry(parent, new_name)  # the same node: one inode, every name
         await self.producer.linked(old, new, self.backing.lstat(new))
-        return self._new_entry(parent, new_name)
+        return entry
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self.nodes.get(parent_inode)
@@ -308,48 +319,80 @@ class Operations(pyfuse3.Operations):
                                                           pyfuse3.EntryAttributes]:
         parent = self.nodes.get(parent_inode)
         rel = self.nodes.path_of(parent, name)
-        publishes = await self.producer.before_write(rel, mode)
-        fd = self.backing.open(rel, (flags & ~(os.O_NOCTTY | os.O_DIRECT)) | os.O_CREAT, mode)
+        self.consumer.changed_locally(rel)
+        await self.producer.mark(rel, mode)  # shared storage: before the file exists
+        try:
+            fd = self.backing.open(rel, (flags & ~(os.O_NOCTTY | os.O_DIRECT)) | os.O_CREAT,
+                                   mode)
+        except OSError:
+            await self.producer.unmark(rel)  # EEXIST of O_EXCL, ENOSPC...: nothing changed
+            raise
         try:
             self._chown(rel, ctx)
             entry = self._new_entry(parent, name)
         except BaseException:
             os.close(fd)
             raise
-        handle = self.nodes.open_handle(fd, self.nodes.get(entry.st_ino), publishes)
+        node = self.nodes.get(entry.st_ino)
+        self.producer.changing(node.key)
+        handle = self.nodes.open_handle(fd, node, flags, self.producer.active)
+        self.producer.hold(handle, rel)
         handle.pending = True  # published even if left empty (see Producer.released)
-        return self._file_info(handle, flags), entry
+        return self.kernel.file_info(handle, flags), entry
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self.nodes.get(inode)
         rel = self.nodes.rel(node)
-        writable = _writes(flags)
-        publishes = False
-        if writable or flags & os.O_TRUNC:
-            publishes = await self.producer.before_write(rel)
-            if publishes:
-                self.consumer.changed_locally(rel)  # written here: no longer a pulled copy
-        else:
-            pull = await self.consumer.make_readable(rel, ctx.pid)
-            if pull is not None and not pull.done:
-                return self._open_stream(node, pull)
+        if _writes(flags) or flags & os.O_TRUNC:
+            return await self._open_to_write(node, rel, flags)
+        pull = await self.consumer.make_readable(rel, ctx.pid)
+        if pull is not None and not pull.done:
+            return self._open_stream(node, pull, flags)
         fd = self.backing.open(rel, flags & ~_OPEN_STRIP)
-        node.provisional = None
-        self.kernel.check_told(node, fd)
-        handle = self.nodes.open_handle(fd, node, publishes=writable and publishes)
-        if flags & os.O_TRUNC and publishes:
-            handle.pending = True
-        return self._file_info(handle, flags)
+        try:
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        handle = self._open_read(node, fd, st, flags)
+        local_writers = any(_writes(h.flags) for h in self.nodes.handles_of(node))
+        self.consumer.opened(handle, local_writers)
+        return self.kernel.file_info(handle, flags, handle.own)
 
-    def _open_stream(self, node: Node, pull: Pull) -> pyfuse3.FileInfo:
+    def _open_read(self, node: Node, fd: int, st: os.stat_result, flags: int) -> Handle:
+        if node.key is None:
+            self.nodes.adopt(node, st)  # a provisional name's file arrived: it is that file
+        handle = self.nodes.open_handle(fd, node, flags, publishes=False)
+        handle.own = node.key == key_of(st)
+        if handle.own:
+            self.kernel.check_told(node, fd)
+        return handle
+
+    def _open_stream(self, node: Node, pull: Pull, flags: int) -> pyfuse3.FileInfo:
         """Read the file being pulled; reads wait for their bytes."""
         fd = os.dup(pull.fd)
-        self.kernel.check_told(node, fd)
-        handle = self.nodes.open_handle(fd, node, publishes=False)
+        handle = self._open_read(node, fd, os.fstat(fd), flags)
         handle.pull = pull
-        return pyfuse3.FileInfo(fh=handle.fh)
+        return self.kernel.file_info(handle, flags, handle.own)
 
-    def _file_info(self, handle: Handle, flags: int) -> pyfuse3.FileInfo:
+    async def _open_to_write(self, node: Node, rel: bytes, flags: int) -> pyfuse3.FileInfo:
+        self.consumer.changed_locally(rel)  # written here: no longer a pulled copy
+        truncating = bool(flags & os.O_TRUNC)
+        if truncating:
+            await self.producer.mark(rel)
+            self.producer.changing(node.key)
+        try:
+            fd = self.backing.open(rel, flags & ~_OPEN_STRIP)
+        except OSError:
+            if truncating:
+                await self.producer.unmark(rel)
+            raise
+        node.provisional = None
+        handle = self.nodes.open_handle(fd, node, flags, publishes=self.producer.active)
+        if truncating:
+            self.producer.truncated_to_zero(node.key)
+            self.producer.hold(handle, rel)
+            handle.pending = handle.publishes
         return self.kernel.file_info(handle, flags)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -360,16 +403,25 @@ class Operations(pyfuse3.Operations):
                 handle.pull = None
             else:
                 await pull.wait_for(min(off + size, pull.size or 0))
-        return os.pread(handle.fd, size, off)
+        data = os.pread(handle.fd, size, off)
+        if handle.opened is not None:
+            self.consumer.check_read(handle, self.nodes.rel(handle.node))
+        return data
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self.nodes.handle(fh)
-        handle.written = True
-        n = os.pwrite(handle.fd, buf, off)
+        node = handle.node
+        await self.producer.will_write(handle, self.nodes.rel(node))
+        self.producer.changing(node.key)
+        try:
+            n = os.pwrite(handle.fd, buf, off)
+        except OSError as e:
+            self.producer.failed(node.key, self.nodes.rel(node), e)
+            raise
         if self.kernel.needs_page_drop(handle):
             # As a write through the page cache would have updated them. From a thread: the
             # kernel may wait for a page that a READ of ours holds locked.
-            await trio.to_thread.run_sync(invalidate, handle.node)
+            await trio.to_thread.run_sync(invalidate, node)
         return n
 
     async def flush(self, fh: int) -> None:
@@ -378,18 +430,25 @@ class Operations(pyfuse3.Operations):
             # again, and every close() saves a round trip through the daemon.
             raise FUSEError(errno.ENOSYS)
         handle = self.nodes.handle(fh)
-        await self.producer.flushed(handle, self.nodes.rel(handle.node))
+        await self.producer.flushed(handle, self.nodes.rels(handle.node))
 
     async def release(self, fh: int) -> None:
         handle = self.nodes.close_handle(fh)
+        node = handle.node
         try:
-            await self.producer.released(handle, self.nodes.rel(handle.node))
+            writers_left = any(_writes(h.flags) for h in self.nodes.handles_of(node))
+            await self.producer.released(handle, self.nodes.rels(node), writers_left)
         finally:
             os.close(handle.fd)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        fd = self.nodes.handle(fh).fd
-        await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
+        handle = self.nodes.handle(fh)
+        try:
+            await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, handle.fd)
+        except OSError as e:  # written-back data was lost: the file is not a whole version
+            if _writes(handle.flags):
+                self.producer.failed(handle.node.key, self.nodes.rel(handle.node), e)
+            raise
 
     # -- directories ---------------------------------------------------------------------
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
@@ -405,13 +464,12 @@ class Operations(pyfuse3.Operations):
         for name in names:
             st = self.backing.lstat_or_none(join(rel, name))
             if st is not None:
-                child = self.nodes.child(node, name)
+                child = self.nodes.present(node, name, st)
                 entries[name] = (self.kernel.entry(child, st), child)
         for name, rec in (await self.consumer.published_children(rel)).items():
             if name not in entries:
-                child = self.nodes.child(node, name)
                 kind = "file" if rec is not None else "dir"
-                child.provisional = child.provisional or kind
+                child = self.nodes.absent(node, name, kind)
                 entries[name] = (self.kernel.synthetic(child, kind, rec), child)
         return self.nodes.open_dir(node, [(n, a, c) for n, (a, c) in sorted(entries.items())])
 

@@ -34,11 +34,17 @@ class KernelCache:
     def __init__(self, config: Config, owner: os.stat_result) -> None:
         self._timeout = STABLE_TIMEOUT if config.role == "producer" else 0.0
         self._track = config.role != "producer"
+        self._shared = config.shared_storage
         self._owner = owner
 
-    def entry(self, node: Node, st: os.stat_result,
-              timeout: float | None = None) -> pyfuse3.EntryAttributes:
-        """The attributes of a name present in the backing, as the kernel will cache them."""
+    def entry(self, node: Node, st: os.stat_result, timeout: float | None = None,
+              arriving: FileRecord | None = None) -> pyfuse3.EntryAttributes:
+        """The attributes of a name present in the backing, as the kernel will cache them.
+
+        *arriving*: the file is being pulled; the kernel is told the published size, mode and
+        mtime, which the file will have once installed, so that nothing the kernel caches
+        changes when the pull ends (a change would make it drop attributes that a reader's
+        GETATTR is fetching, and that reader would read the old size: zero bytes)."""
         e = pyfuse3.EntryAttributes()
         e.st_ino = node.ino
         e.generation = 0
@@ -59,6 +65,13 @@ class KernelCache:
         e.st_atime_ns = st.st_atime_ns
         e.st_mtime_ns = st.st_mtime_ns
         e.st_ctime_ns = st.st_ctime_ns
+        if arriving is not None:
+            e.st_size = arriving.size
+            e.st_blocks = (arriving.size + 511) // 512
+            e.st_mode = stat_mod.S_IFREG | arriving.mode
+            e.st_mtime_ns = arriving.mtime_ns
+        if node.told is not None:
+            node.told = (e.st_size, e.st_mtime_ns)
         return e
 
     def synthetic(self, node: Node, kind: str,
@@ -93,21 +106,25 @@ class KernelCache:
             if node.told != (st.st_size, st.st_mtime_ns):
                 invalidate(node, attr_only=True)
 
-    def replaced(self, node: Node | None) -> None:
-        """A new file was put at *node*'s name (a pull): what the kernel caches of the old one
-        goes."""
-        if node is not None and node.told is not None:
-            invalidate(node, attr_only=True)
+    def file_info(self, handle: Handle, flags: int, own: bool = True) -> pyfuse3.FileInfo:
+        """How the kernel caches the pages of an open file.
 
-    def file_info(self, handle: Handle, flags: int) -> pyfuse3.FileInfo:
-        """Writes of a handle open for writing only go straight to the daemon (FOPEN_DIRECT_IO)
-        instead of through the kernel's page cache first: one page-cache fill and one copy
-        less per byte (measured here: 16 MiB files written through a producer mount 400 ->
-        640-1150 MiB/s). Invisible to programs: such a descriptor cannot be mmapped, and
-        cached pages of other open descriptors are dropped after each write (see
-        :meth:`after_direct_write`)."""
-        handle.direct = flags & os.O_ACCMODE == os.O_WRONLY
-        return pyfuse3.FileInfo(fh=handle.fh, direct_io=handle.direct)
+        - Writes of a handle open for writing only go straight to the daemon (FOPEN_DIRECT_IO)
+          instead of through the kernel's page cache first: one page-cache fill and one copy
+          less per byte (measured here: 16 MiB files written through a producer mount 400 ->
+          640-1150 MiB/s). Invisible to programs: such a descriptor cannot be mmapped, and
+          cached pages of other open descriptors are dropped after each write (see
+          :meth:`needs_page_drop`).
+        - A handle whose bytes are not its node's file (*own* False: a newer version pulled
+          between the lookup and the open) bypasses the page cache too: the node's cached pages
+          are another version's.
+        - Pages are kept from one open to the next (FOPEN_KEEP_CACHE) where every change of a
+          file goes through this mount, or makes a new node (a pulled copy's new version); on
+          shared storage another node may rewrite a file in place, so each open starts with
+          empty pages (close-to-open)."""
+        handle.direct = flags & os.O_ACCMODE == os.O_WRONLY or not own
+        return pyfuse3.FileInfo(fh=handle.fh, direct_io=handle.direct,
+                                keep_cache=not self._shared)
 
     def needs_page_drop(self, handle: Handle) -> bool:
         """Whether a direct write through *handle* may leave stale pages in the kernel: another
@@ -140,3 +157,28 @@ def raise_readahead(mountpoint: Path, kib: int = 1024) -> None:
         Path(f"/sys/class/bdi/{device}/read_ahead_kb").write_text(str(kib))
     except OSError as e:
         log.debug("read-ahead left at the kernel's default: %s", e)
+
+
+def mapped_writable(device: str, ino: int) -> bool:
+    """Whether any process (that this one may inspect) maps inode *ino* of the FUSE file system
+    on *device* ("major:minor") shared and writable: its changes reach the file only when the
+    map goes (munmap, exit), as WRITE requests that come before the file's RELEASE.
+
+    Reads every ``/proc/PID/maps``: a few milliseconds; asked only at the close of a written
+    read-write descriptor (see Producer.flushed)."""
+    major, minor = (int(x) for x in device.split(":"))
+    dev = f"{major:02x}:{minor:02x}".encode()
+    want = str(ino).encode()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/maps", "rb") as f:
+                for line in f:
+                    fields = line.split(None, 5)
+                    if len(fields) >= 5 and fields[3] == dev and fields[4] == want and \
+                            fields[1][1:2] == b"w" and fields[1][3:4] == b"s":
+                        return True
+        except OSError:
+            continue
+    return False

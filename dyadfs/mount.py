@@ -84,6 +84,7 @@ class Mount:
         self.kvs: KVS | None = None
         self.transport: Any = None
         self.puller: Puller | None = None
+        self.server: FileServer | None = None
         self.prefetcher: Prefetcher | None = None
         self._terminated = False
         self._kernel_unmounted = False
@@ -143,6 +144,8 @@ class Mount:
                 puller = await self._start_transport(stack, nursery, root_fd, catalog)
             ops = Operations(c, root_fd, catalog, puller, self.stats)
             ops.attach(nursery)
+            if self.server is not None:
+                self.server.vouch = ops.producer.vouch
             if puller is not None and c.prefetch:
                 self.prefetcher = Prefetcher(c, root_fd, catalog, puller)
                 await nursery.start(self.prefetcher.run)
@@ -177,7 +180,7 @@ class Mount:
         secret = (await kvs.put_if_absent(c.namespace, keys.SECRET,
                                           secrets.token_hex(16).encode())).decode()
         host = c.listen or default_host()
-        server = FileServer(root_fd, catalog, secret, self.stats)
+        server = self.server = FileServer(root_fd, catalog, secret, self.stats)
         tcp = TCPTransport()
         stack.push_async_callback(tcp.aclose)
         await tcp.start(nursery, server.handle, host)

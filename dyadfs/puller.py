@@ -5,9 +5,20 @@ Invariants (what a crash or a failure can and cannot leave behind):
   every byte has arrived and the size (and, with ``--verify``, the SHA-256) matches. A crash
   leaves at most a temporary file, removed at the next start; never a short file under a real
   name.
-- One pull per path at a time: every opener of a path shares it (single flight).
-- Readers may start before a pull ends (``Pull.wait_for``) and never get bytes that have not
-  arrived; with ``--verify`` an open waits for the whole, verified file instead.
+- A pull moves one version: every opener of that version of a path shares it (single
+  flight); an opener of a newer version starts a pull of its own, and only the newest published
+  version is installed under the real name. A pull never switches versions: if the owner says
+  its version is gone (rewritten), the pull fails and the openers still waiting start over with
+  the new publication.
+- The temporary file's blocks are allocated before any byte arrives (fallocate), so a full disk
+  is an error at the start (ENOSPC for the reader), never a SIGBUS in a map or a silent hole.
+- Readers of a large file may start before the pull ends (``Pull.wait_for``) and only get bytes
+  the owner vouched for: the owner checks that the file is unchanged after reading each chunk
+  (protocol.CHUNK) and before sending the next, so a chunk is readable here once a byte of the
+  next one (or the trailer) has arrived. A file of at most one chunk is read only once complete;
+  with ``--verify`` every open waits for the whole, verified file.
+- A local change of the path while it is pulled (the consumer writes its own file there) wins:
+  the pull is not installed over it.
 """
 
 from __future__ import annotations
@@ -17,19 +28,19 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import trio
 
 from . import keys
+from .backing import fallocate
 from .cache import Cache
 from .errors import DyadfsError, FetchError
 from .hashing import sha256_fd
 from .keys import FileRecord, MountRecord
 from .paths import TMP_DIR, parent_of, show
 from .transport import Transport
-from .transport.protocol import Request, Sink
+from .transport.protocol import CHUNK, Request, Sink
 
 if TYPE_CHECKING:
     from .backing import Backing
@@ -39,17 +50,23 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: errors of this node's own storage: no owner can help, the reader hears them as they are
+_LOCAL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+_PASSED_ON = (*_LOCAL, errno.ESTALE)
+
 
 class Pull:
     """One transfer of one version of one path, shared by everyone who opens it meanwhile."""
 
-    def __init__(self, rel: bytes, rec: FileRecord, fd: int, tmp: bytes) -> None:
+    def __init__(self, rel: bytes, rec: FileRecord, fd: int, tmp: bytes, epoch: int) -> None:
         self.rel = rel
         self.rec = rec
         self.fd = fd
         self.tmp = tmp
+        self.epoch = epoch  # the cache's count of local changes of rel when it started
         self.size: int | None = None
         self.received = 0
+        self.vouched = 0  # bytes a reader may read: every chunk but the one arriving
         self.done = False
         self.error: DyadfsError | None = None
         self.wanted = False  # an open asked for it (else only the prefetcher did)
@@ -61,7 +78,10 @@ class Pull:
 
     def progress(self, n: int) -> None:
         self.received = n
-        self._wake()
+        vouched = ((n - 1) // CHUNK) * CHUNK if n > 0 else 0
+        if vouched > self.vouched:
+            self.vouched = vouched
+            self._wake()
 
     def sized(self, n: int) -> None:
         self.size = n
@@ -70,6 +90,8 @@ class Pull:
     def finish(self, error: DyadfsError | None) -> None:
         self.done = True
         self.error = error
+        if error is None:
+            self.vouched = self.received
         self._wake()
 
     async def wait_started(self) -> None:
@@ -79,12 +101,12 @@ class Pull:
             raise self.error
 
     async def wait_for(self, end: int) -> None:
-        """Until bytes [0, end) have arrived (or the pull failed)."""
-        while self.received < end and not self.done:
+        """Until bytes [0, end) may be read (or the pull failed)."""
+        while self.vouched < end and not self.done:
             await self._changed.wait()
-        if self.error is not None:
+        if self.error is not None and self.vouched < end:
             raise DyadfsError(f"pull of {show(self.rel)} failed: {self.error}",
-                              errno.EIO)
+                              self.error.errno)
 
     async def wait_done(self) -> None:
         while not self.done:
@@ -106,8 +128,6 @@ class Puller:
         self.cache = Cache(config, backing)
         self.cache.is_pulling = lambda rel: self.active(rel) is not None
         self._pulls: dict[bytes, Pull] = {}
-        #: called when a pull put a new file at a path (the file system's kernel cache)
-        self.on_installed: Callable[[bytes], None] | None = None
         self._nursery: trio.Nursery | None = None
         self._owners: dict[str, MountRecord] = {}
         backing.makedirs(TMP_DIR)
@@ -142,20 +162,24 @@ class Puller:
         await pull.wait_done()
 
     async def start(self, rel: bytes, rec: FileRecord, wanted: bool = True) -> Pull:
-        """Start (or join) the pull of *rel*; returns once its size is known."""
+        """Start (or join) the pull of *rel* at *rec*'s version; returns once its size is
+        known, or, for a file of at most one chunk, once it is complete."""
         pull = self._pulls.get(rel)
-        if pull is None or (pull.done and pull.error is not None) or \
-                (pull.rec.version != rec.version and pull.done):
+        if pull is None or pull.rec.version != rec.version or \
+                (pull.done and pull.error is not None):
             tmp = TMP_DIR + b"/" + secrets.token_hex(8).encode()
             fd = self.backing.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-            pull = Pull(rel, rec, fd, tmp)
+            pull = Pull(rel, rec, fd, tmp, self.cache.epoch(rel))
             self._pulls[rel] = pull
             assert self._nursery is not None
             self._nursery.start_soon(self._run, pull)
         if wanted:
             pull.wanted = True
             self.cache.touch(rel)
-        await pull.wait_started()
+        if rec.size <= CHUNK:
+            await pull.wait_done()
+        else:
+            await pull.wait_started()
         return pull
 
     async def raw_fetch(self, owner: str, size: int) -> float:
@@ -198,8 +222,7 @@ class Puller:
         self.stats.pulling += 1
         try:
             await self._transfer(pull)
-            self._install(pull)
-            installed = True
+            installed = await self._install(pull)
         except DyadfsError as e:
             error = e
         except OSError as e:
@@ -217,7 +240,10 @@ class Puller:
         if error is not None:
             self.stats.errors += 1
             log.error("pull of %s failed: %s", show(rel), error)
-            pull.finish(FetchError(str(error), errno.EIO))
+            # What the reader sees: a full disk as such, a version gone as ESTALE (the open
+            # starts over), anything else about the owner as EIO.
+            err = error.errno if error.errno in _PASSED_ON else errno.EIO
+            pull.finish(FetchError(str(error), err))
             self.cache.room()
             return
         self.stats.pulled += 1
@@ -250,6 +276,7 @@ class Puller:
                 last = outcome
                 if progressed:  # this attempt moved bytes: the owner was alive
                     deadline = trio.current_time() + self.cfg.fetch_timeout
+
             if trio.current_time() + delay > deadline:
                 raise FetchError(f"no owner served it within {self.cfg.fetch_timeout} s "
                                  f"({last})", errno.EIO)
@@ -272,17 +299,19 @@ class Puller:
             pull.progress(n)
             scope.deadline = trio.current_time() + self.cfg.fetch_timeout
 
-        sink = Sink(pull.fd, lambda n: self._sized(pull, n), arrived)
+        sink = Sink(pull.fd, lambda n: self._sized(pull, sink, n), arrived)
         try:
             with scope:
                 await transport.fetch(address, req, sink)
             if scope.cancelled_caught:
                 raise trio.TooSlowError(f"nothing arrived for {self.cfg.fetch_timeout} s")
         except (FetchError, OSError, trio.TooSlowError) as e:
-            if isinstance(e, FetchError) and e.errno == errno.ESTALE:
-                fresh = await self.catalog.get(pull.rel)  # a newer version meanwhile?
-                if fresh is not None and fresh.complete:
-                    pull.rec = fresh
+            err = getattr(e, "errno", None)
+            if err in _LOCAL:  # this node's disk: no owner can help
+                raise FetchError(f"{show(pull.rel)}: {os.strerror(err)}", err) from None
+            if err == errno.ESTALE:  # the owner no longer has this version
+                raise FetchError(f"{address}: version {pull.rec.version} is gone: {e}",
+                                 errno.ESTALE) from None
             why = getattr(e, "strerror", None) or str(e) or type(e).__name__
             return f"{address}: {why}", progressed
         if pull.received != pull.rec.size or pull.size != pull.rec.size:
@@ -291,11 +320,17 @@ class Puller:
             return "checksum mismatch", progressed
         return None, progressed
 
-    def _sized(self, pull: Pull, n: int) -> None:
+    def _sized(self, pull: Pull, sink: Sink, n: int) -> None:
         if n != pull.rec.size:
             raise FetchError(f"owner announced {n} bytes, published {pull.rec.size}",
                              errno.ESTALE)
-        os.ftruncate(pull.fd, n)  # readers' fstat shows the final size from the start
+        if pull.size is None:
+            # Every block now: a full disk is ENOSPC here, not a SIGBUS in a map later.
+            sink.preallocated = fallocate(pull.fd, n)
+            if not sink.preallocated:
+                os.ftruncate(pull.fd, n)
+        else:
+            sink.preallocated = True  # allocated by the first attempt
         pull.received = 0
         pull.sized(n)
 
@@ -303,15 +338,25 @@ class Puller:
         return want is not None and \
             await trio.to_thread.run_sync(sha256_fd, pull.fd) == want
 
-    def _install(self, pull: Pull) -> None:
+    async def _install(self, pull: Pull) -> bool:
+        """Put the pulled file under its real name, unless something newer is there: a newer
+        publication, or a local change of the path. Its readers keep reading it either way."""
         rec = pull.rec
         os.fchmod(pull.fd, rec.mode & 0o7777)
         os.utime(pull.fd, ns=(rec.mtime_ns, rec.mtime_ns))
         Cache.mark(pull.fd, rec.version)
+        current = await self.catalog.get(pull.rel)
+        if current is not None and current.complete and current.version != rec.version:
+            log.info("pulled %s, but a newer version is published: not installed",
+                     show(pull.rel))
+            return False
+        if self.cache.epoch(pull.rel) != pull.epoch:
+            log.info("pulled %s, but it was changed here meanwhile: not installed",
+                     show(pull.rel))
+            return False
         parent = parent_of(pull.rel)
         if parent != b".":
             self.backing.makedirs(parent)
         self.backing.rename(pull.tmp, pull.rel)
-        if self.on_installed is not None:
-            self.on_installed(pull.rel)
         self.cache.installed(pull.rel, rec.version, rec.size, prefetched=not pull.wanted)
+        return True

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .errors import DyadfsError, FetchError
@@ -18,9 +19,16 @@ from .transport.protocol import Request, Served, check_secret, open_beneath, ref
 
 if TYPE_CHECKING:
     from .catalog import Catalog
+    from .keys import FileRecord
     from .stats import Stats
 
 RAW_MAX = 4 << 30
+
+
+def _same_size_and_mtime(st: os.stat_result, rec: FileRecord) -> str | None:
+    if st.st_size != rec.size or st.st_mtime_ns != rec.mtime_ns:
+        return "the file changed since its publication"
+    return None
 
 
 class FileServer:
@@ -29,6 +37,9 @@ class FileServer:
         self.catalog = catalog
         self.secret = secret
         self.stats = stats
+        #: None while a file still holds a published version (the producer's rules, which
+        #: see every change made through the mount; set by the mount)
+        self.vouch: Callable[[os.stat_result, FileRecord], str | None] = _same_size_and_mtime
 
     async def handle(self, req: Request) -> Served:
         why = check_secret(req, self.catalog.ns, lambda: self.secret)
@@ -52,12 +63,15 @@ class FileServer:
         except OSError as e:
             return refuse(e.errno or errno.EIO, e.strerror or str(e), req)
         st = os.fstat(fd)
-        if st.st_size != rec.size:
+        why = self.vouch(st, rec)
+        if why is not None:
             os.close(fd)
-            return refuse(errno.ESTALE, "the file changed since its publication", req)
+            return refuse(errno.ESTALE, why, req)
         self.stats.served += 1
         self.stats.bytes_served += st.st_size
-        return Served(fd=fd, size=st.st_size, verify=req.verify, _st=st)
+        vouch = self.vouch
+        return Served(fd=fd, size=st.st_size, verify=req.verify, _st=st,
+                      changed=lambda: vouch(os.fstat(fd), rec))
 
     @staticmethod
     def _raw(req: Request) -> Served:

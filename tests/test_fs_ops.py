@@ -105,8 +105,7 @@ def test_consumer_lookups(tmp_path: Path, caplog) -> None:  # type: ignore[no-un
 def test_open_of_unpublished_name_times_out(tmp_path: Path) -> None:
     async def body(ops, kvs, backing):  # type: ignore[no-untyped-def]
         parent = ops.nodes.get(pyfuse3.ROOT_INODE)
-        node = ops.nodes.child(parent, b"late")
-        node.provisional = "file"
+        node = ops.nodes.absent(parent, b"late", "file")
         with pytest.raises(pyfuse3.FUSEError) as e:
             await ops.open(node.ino, os.O_RDONLY, SimpleNamespace(pid=os.getpid(), uid=0, gid=0))
         assert e.value.errno == errno.ETIMEDOUT

@@ -97,6 +97,9 @@ class Served:
     message: str = ""
     verify: bool = False
     _st: os.stat_result | None = None
+    #: asked after each chunk read from the file (before the next is sent), and at the end:
+    #: None while the file still holds the requested version, else why not (abort)
+    changed: Callable[[], str | None] = lambda: None
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -170,8 +173,11 @@ class Sink:
     """Where a transport writes fetched bytes: a file descriptor, and progress callbacks."""
 
     def __init__(self, fd: int, on_size: Callable[[int], None],
-                 on_progress: Callable[[int], None]) -> None:
+                 on_progress: Callable[[int], None], preallocated: bool = False) -> None:
         self.fd = fd
         self.on_size = on_size
         self.on_progress = on_progress
+        #: the file's blocks are allocated (fallocate) by on_size: writing through a map of it
+        #: cannot fail for want of space (else a full disk would be a SIGBUS)
+        self.preallocated = preallocated
         self.sha256: str | None = None
