@@ -8,6 +8,7 @@ dyadfs reads ``os.environ``: modules that need a setting get it from :class:`Con
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -48,6 +49,7 @@ class Config:
     fetch_timeout: float = 10.0
     kvs: str = "local"
     transport: str = "ucx"
+    transport_defaulted: bool = False  # not asked for: UCX if UCXX imports, else TCP
     listen: str | None = None
     verify: bool = False
     ucx_threshold: int = 4 << 20
@@ -249,6 +251,10 @@ def build(mountpoint: str | os.PathLike[str], options: Mapping[str, Any] | None 
         values["foreground"] = bool(options["foreground"])
     if "role" not in values:
         values["role"] = _role_from_dyad(mp, env)
+    if "transport" not in values:
+        # UCX where UCXX imports (pip install 'dyadfs[ucx]'), else TCP: a plain install works.
+        values["transport"] = "ucx" if importlib.util.find_spec("ucxx") is not None else "tcp"
+        values["transport_defaulted"] = True
     if "kvs" not in values and env.get("FLUX_URI"):
         values["kvs"] = "flux"
     backing = values.get("backing")

@@ -1,0 +1,125 @@
+"""A busy workflow, a careless setup or a plain install must not break a mount."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import Mounts, dyadfs_cmd, run, wait_for
+
+pytestmark = pytest.mark.mounted
+NS = "hard"
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_thousands_of_waiting_opens_leave_the_mount_responsive(tmp_path: Path,
+                                                              mounts: Mounts) -> None:
+    """Every waiting open holds a FUSE request; with pyfuse3's default of 99 workers the 99th
+    made stat, ls and read of everything else on the mount hang."""
+    n = int(os.environ.get("DYADFS_TEST_WAITERS", "2000"))
+    prod = mounts.mount(tmp_path / "p", "--role", "producer", "--namespace", NS,
+                        "--transport", "tcp", "--listen", "127.0.0.1")
+    cons = mounts.mount(tmp_path / "c", "--role", "consumer", "--namespace", NS,
+                        "--transport", "tcp", "--wait-timeout", "300")
+    (prod / "here.txt").write_bytes(b"already here\n")
+    assert (cons / "here.txt").read_bytes() == b"already here\n"  # pulled before the crowd
+    (cons / "local").mkdir()
+    pid = mounts.status(cons)["pid"]
+    rss_before = _rss_kib(pid)
+    script = textwrap.dedent(f"""
+        import sys, threading
+        threading.stack_size(256 * 1024)
+        ok = []
+        def read(i):
+            with open({str(cons)!r} + f"/w/f{{i}}", "rb") as f:
+                if f.read() == f"frame {{i}}".encode():
+                    ok.append(i)
+        threads = [threading.Thread(target=read, args=(i,)) for i in range({n})]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        print(len(ok), flush=True)
+    """)
+    readers = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                               text=True)
+    try:
+        wait_for(lambda: mounts.status(cons)["waiting"] >= n, 120, f"{n} waiting opens")
+        rss_waiting = _rss_kib(pid)
+        # Everything else on the mount still answers, at once.
+        t0 = time.monotonic()
+        assert (cons / "here.txt").read_bytes() == b"already here\n"
+        assert os.stat(cons / "here.txt").st_size == 13
+        assert "here.txt" in os.listdir(cons)
+        (cons / "local" / "scratch").write_bytes(b"x")
+        assert time.monotonic() - t0 < 5, "the mount stalled behind the waiting opens"
+        (prod / "w").mkdir()
+        for i in range(n):
+            (prod / "w" / f"f{i}").write_bytes(f"frame {i}".encode())
+        out, _ = readers.communicate(timeout=300)
+    finally:
+        readers.kill()
+        readers.wait()
+    assert int(out.strip()) == n
+    assert mounts.status(cons)["waiting"] == 0
+    print(f"{n} waiting opens: daemon RSS {rss_before} -> {rss_waiting} KiB")
+
+
+def test_files_holding_the_secret_are_private(tmp_path: Path, mounts: Mounts) -> None:
+    old = os.umask(0)  # a careless caller: the daemon must not inherit it for its own files
+    try:
+        mounts.mount(tmp_path / "m", "--namespace", NS, "--transport", "tcp")
+    finally:
+        os.umask(old)
+    state = mounts.state
+    for path in [state / "kvs.sqlite", *(state / "mounts").glob("*.json")]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode & 0o077 == 0, f"{path} is {oct(mode)}"
+    for d in (state, state / "mounts"):
+        assert stat.S_IMODE(d.stat().st_mode) & 0o077 == 0, d
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (makes a directory owned by another "
+                    "user)")
+def test_a_state_dir_of_another_user_is_refused(tmp_path: Path,
+                                                state_env: dict[str, str]) -> None:
+    other = tmp_path / "theirs"
+    other.mkdir()
+    os.chown(other, 65534, 65534)
+    (tmp_path / "m").mkdir()
+    r = dyadfs_cmd("mount", str(tmp_path / "m"), "--transport", "tcp",
+                   env={**state_env, "DYADFS_STATE_DIR": str(other)}, check=False)
+    assert r.returncode == 1 and "belongs to uid 65534" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert not os.path.ismount(tmp_path / "m")
+
+
+def test_without_ucxx_the_default_transport_is_tcp(tmp_path: Path, mounts: Mounts) -> None:
+    """A plain `pip install dyadfs` has no UCXX: a mount without --transport still works."""
+    mp = tmp_path / "m"
+    mp.mkdir()
+    code = (f"import sys, runpy; sys.modules['ucxx'] = None; sys.argv = ['dyadfs', 'mount', "
+            f"{str(mp)!r}, '--namespace', {NS!r}]; runpy.run_module('dyadfs', "
+            "run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=mounts.env, timeout=90)
+    mounts.mounted.append(mp)
+    assert r.returncode == 0, r.stderr
+    assert mounts.status(mp)["transport"] == "tcp"
+    log = next(p for p in (mounts.state / "logs").glob("*.log"))
+    assert "UCXX is not installed" in log.read_text()
+    run(f"echo ok > {mp}/f")
+    assert (mp / "f").read_text() == "ok\n"
