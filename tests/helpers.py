@@ -120,3 +120,67 @@ def finish(proc: subprocess.Popen[bytes], timeout: float, what: str) -> tuple[by
                              f"{out.decode(errors='replace')[-2000:]}\n"
                              f"{err.decode(errors='replace')[-2000:]}") from None
     return out, err
+
+
+class Lines:
+    """The stdout lines of a spawned program, read by a thread: ``next(timeout)`` never hangs
+    the test on a program that stopped talking."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        import queue
+        import threading
+        self.proc = proc
+        self.queue: queue.Queue[bytes] = queue.Queue()
+        self.seen: list[bytes] = []
+        self.eof = False
+        self.err = ""  # stderr, once the program ended
+
+        def pump() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                self.queue.put(line)
+            self.queue.put(b"")
+
+        threading.Thread(target=pump, daemon=True).start()
+
+    def next(self, timeout: float = 30, what: str = "a line") -> bytes:
+        import queue
+        try:
+            line = self.queue.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no {what} from {self.proc.args!r} within {timeout} s; "
+                                 f"so far: {self.seen!r}") from None
+        if not line:
+            self.eof = True
+            self.stderr()
+            raise AssertionError(f"{self.proc.args!r} ended before {what}: {self.err}")
+        self.seen.append(line)
+        return line.rstrip(b"\n")
+
+    def rest(self, timeout: float = 60) -> list[bytes]:
+        """Every remaining line, once the program ended (bounded)."""
+        import queue
+        self.proc.wait(timeout=timeout)
+        out: list[bytes] = []
+        while not self.eof:
+            try:
+                line = self.queue.get(timeout=timeout)
+            except queue.Empty:
+                raise AssertionError(f"{self.proc.args!r} ended, its output did not") from None
+            if not line:
+                self.eof = True
+                break
+            self.seen.append(line)
+            out.append(line.rstrip(b"\n"))
+        return out
+
+    def stderr(self) -> str:
+        """What the program wrote on stderr (read once it ended)."""
+        if not self.err and self.proc.stderr is not None and self.proc.poll() is not None:
+            self.err = self.proc.stderr.read().decode(errors="replace")
+        return self.err
+
+    def send(self, text: bytes) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text)
+        self.proc.stdin.flush()

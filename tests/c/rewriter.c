@@ -1,7 +1,9 @@
 /* rewriter PATH NVERS SIZE STEP SEED [SLEEP_MS]
  * For v in 0..NVERS-1: open(PATH, O_WRONLY|O_CREAT|O_TRUNC), write SIZE+v*STEP bytes of content
  * (SEED, v) in 1 MiB write()s, close(); sleep SLEEP_MS. Prints "v size crc32" after each close.
- * Every write and close is checked: exits 1 with the errno at the first failure. */
+ * SLEEP_MS -1: wait for a line on stdin after each close instead (the test decides when the
+ * next rewrite starts). Every write and close is checked: exits 1 with the errno at the first
+ * failure. */
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -54,7 +56,13 @@ int main(int argc, char **argv) {
         }
         printf("%ld %ld %08x\n", v, len, crc);
         fflush(stdout);
-        sleep_ms(pause);
+        if (pause < 0) {
+            char line[64];
+            if (!fgets(line, sizeof line, stdin))
+                break;
+        } else {
+            sleep_ms(pause);
+        }
     }
     free(buf);
     return 0;
