@@ -115,7 +115,11 @@ def finish(proc: subprocess.Popen[bytes], timeout: float, what: str) -> tuple[by
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
-        out, err = proc.communicate(timeout=15)
+        try:
+            out, err = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:  # stuck in the kernel: even SIGKILL waits
+            raise AssertionError(f"{what} still running after {timeout} s, and SIGKILL did "
+                                 "not end it within 15 s (stuck in a system call)") from None
         raise AssertionError(f"{what} still running after {timeout} s; its output so far:\n"
                              f"{out.decode(errors='replace')[-2000:]}\n"
                              f"{err.decode(errors='replace')[-2000:]}") from None
