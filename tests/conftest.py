@@ -231,3 +231,88 @@ class FeedLog:
         with trio.fail_after(20):
             while len(self.got) < count if skip < 0 else len(self.keys(skip)) < count:
                 await self._event.wait()
+
+
+# -- unmodified C programs, and small file systems that fill up --------------------------------
+C_DIR = Path(__file__).parent / "c"
+
+
+class CPrograms:
+    """The test programs of tests/c/, compiled once per session: ``cprogs.reader`` etc."""
+
+    def __init__(self, bindir: Path) -> None:
+        self.bindir = bindir
+
+    def __getattr__(self, name: str) -> str:
+        path = self.bindir / name
+        if not path.exists():
+            raise AttributeError(name)
+        return str(path)
+
+
+@pytest.fixture(scope="session")
+def cprogs(tmp_path_factory: pytest.TempPathFactory) -> CPrograms:
+    cc = shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler (cc): the C test programs cannot be built")
+    bindir = tmp_path_factory.mktemp("cbin")
+    for src in sorted(C_DIR.glob("*.c")):
+        r = subprocess.run([cc, "-O2", "-Wall", "-Werror", "-o", str(bindir / src.stem),
+                            str(src)], capture_output=True, text=True, timeout=120)
+        if r.returncode != 0:
+            raise AssertionError(f"cc {src.name} failed:\n{r.stderr}")
+    return CPrograms(bindir)
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path, mounts: Mounts) -> Iterator[object]:
+    """``tmpfs(path, size)`` mounts a small tmpfs at *path* (root only). Teardown unmounts the
+    test's FUSE mounts first (they may keep files open on it), then every tmpfs."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs (a disk that fills up) needs root")
+    made: list[Path] = []
+
+    def mount(path: Path, size: str) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs",
+                        str(path)], check=True, capture_output=True, timeout=30)
+        made.append(path)
+        return path
+
+    try:
+        yield mount
+    finally:
+        mounts.teardown()
+        for path in reversed(made):
+            r = subprocess.run(["umount", str(path)], capture_output=True, timeout=30)
+            if r.returncode != 0:
+                subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def spawn(mounts: Mounts) -> Iterator[object]:
+    """``spawn(cmd, **popen_kw)`` starts a background program (stdout and stderr piped unless
+    given). Teardown kills what is still running before the mounts are unmounted: a reader
+    blocked in a waiting open would keep its mount busy."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(cmd: list[str], **kw) -> subprocess.Popen[bytes]:  # type: ignore[no-untyped-def]
+        kw.setdefault("stdout", subprocess.PIPE)
+        kw.setdefault("stderr", subprocess.PIPE)
+        p = subprocess.Popen(cmd, start_new_session=True, **kw)
+        procs.append(p)
+        return p
+
+    try:
+        yield start
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            try:
+                p.communicate(timeout=15)
+            except (subprocess.TimeoutExpired, ValueError):
+                pass
