@@ -110,6 +110,24 @@ def check_mountpoint(config: Config) -> None:
         raise UsageError(f"--backing {config.backing}: not a directory")
     if not os.path.exists("/dev/fuse"):
         raise UsageError("/dev/fuse is missing: FUSE is not available on this machine")
+    check_fuse_device()
+
+
+FUSE_HINT = ("check that /dev/fuse is readable and writable by this user (ls -l /dev/fuse: "
+             "usually crw-rw-rw-, mode 0666), that fusermount3 is setuid root "
+             "(ls -l /usr/bin/fusermount3: -rwsr-xr-x), and, for allow_other, "
+             "user_allow_other in /etc/fuse.conf")
+
+
+def check_fuse_device() -> None:
+    """An unprivileged user mounts through /dev/fuse: say so in one line when it cannot be
+    opened, before the daemon starts (libfuse would only print its own message and fail)."""
+    if os.geteuid() == 0:
+        return
+    try:
+        os.close(os.open("/dev/fuse", os.O_RDWR))
+    except OSError as e:
+        raise UsageError(f"cannot open /dev/fuse ({e.strerror}): {FUSE_HINT}") from None
 
 
 class Mount:
@@ -196,7 +214,10 @@ class Mount:
                 options.add("allow_other")
             # INIT's answer sets read-ahead to at most the kernel's default; raise it after that.
             ops.after_init = lambda: raise_readahead(c.mountpoint)
-            pyfuse3.init(ops, str(c.mountpoint), options)
+            try:
+                pyfuse3.init(ops, str(c.mountpoint), options)
+            except RuntimeError as e:  # fuse_session_mount failed; libfuse logged why
+                raise UsageError(f"cannot mount {c.mountpoint} ({e}): {FUSE_HINT}") from None
             stack.callback(self._close_fuse)
             control = await nursery.start(_serve_control, self)
             stack.callback(_unlink, control)

@@ -21,8 +21,35 @@ import pytest
 from dyadfs.bench import harness
 from dyadfs.mountinfo import fuse_mounted
 
-FUSE_OK = os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None
-needs_fuse = pytest.mark.skipif(not FUSE_OK, reason="needs /dev/fuse and fusermount3 (fuse3)")
+
+def _fuse_usable() -> bool:
+    """/dev/fuse opens read-write for this user (an unprivileged user needs mode 0666) and
+    fusermount3 is there."""
+    if shutil.which("fusermount3") is None:
+        return False
+    try:
+        os.close(os.open("/dev/fuse", os.O_RDWR))
+    except OSError:
+        return False
+    return True
+
+
+FUSE_OK = _fuse_usable()
+FUSE_SKIP = ("needs /dev/fuse readable and writable by this user and fusermount3 (fuse3; "
+             "see ls -l /dev/fuse)")
+needs_fuse = pytest.mark.skipif(not FUSE_OK, reason=FUSE_SKIP)
+ROOT = os.geteuid() == 0
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Unprivileged, the tests that need root skip, and say so (``-ra`` prints the reason)."""
+    if ROOT:
+        return
+    skip = pytest.mark.skip(reason="needs root: network namespaces (ip netns add) are "
+                            "root's; run as root to emulate several nodes")
+    for item in items:
+        if item.get_closest_marker("netns") is not None:
+            item.add_marker(skip)
 
 
 def dyadfs_cmd(*args: str, env: dict[str, str] | None = None, check: bool = True,
@@ -152,7 +179,7 @@ def kvs_backend(request: pytest.FixtureRequest) -> str:
 def mounts(tmp_path: Path, state_env: dict[str, str], kvs_backend: str,
            request: pytest.FixtureRequest) -> Iterator[Mounts]:
     if not FUSE_OK:
-        pytest.skip("needs /dev/fuse and fusermount3 (fuse3)")
+        pytest.skip(FUSE_SKIP)
     flux = None
     if kvs_backend == "flux":
         flux = request.getfixturevalue("flux_instance")
