@@ -77,9 +77,13 @@ class Consumer:
         if call.intent is intent.Intent.READ:
             where = intent.role_of(name, rel, call.path)
             return ("dir" if where == "dir" else "file"), None
-        if call.intent is intent.Intent.STAT and self._stat_waits(rel):
-            await self.wait_published(rel, pid, "stat")
-            return "waited", None
+        if call.intent is intent.Intent.STAT:
+            rest = intent.rest_of(name, rel, call.path)
+            if rest and self._stat_waits(rel + b"/" + rest):
+                return "dir", None  # on the way to a name worth waiting for
+            if self._stat_waits(rel):
+                await self.wait_published(rel, pid, "stat")
+                return "waited", None
         raise FUSEError(errno.ENOENT)
 
     async def stale(self, rel: bytes, st: os.stat_result) -> bool:

@@ -151,6 +151,23 @@ def _read_string(tid: int, addr: int) -> bytes | None:
     return None
 
 
+def rest_of(name: bytes, rel: bytes, path: bytes | None) -> bytes | None:
+    """The components of the caller's *path* after *name* (at *rel*), joined with ``/``: what it
+    means to reach through *name* (``b""`` when *name* is the final component; None when
+    *name* is not in the path, or the path is unknown)."""
+    if path is None:
+        return None
+    parts = [p for p in path.split(b"/") if p and p != b"."]
+    ours = [p for p in rel.split(b"/") if p]
+    for end in range(len(parts), 0, -1):
+        if parts[end - 1] != name:
+            continue
+        k = min(end, len(ours))
+        if parts[end - k:end] == ours[len(ours) - k:]:
+            return b"/".join(parts[end:])
+    return None
+
+
 def role_of(name: bytes, rel: bytes, path: bytes | None) -> str:
     """Whether *name* (at *rel*, relative to the mount) is the final component of the caller's
     *path* (``"final"``), an intermediate directory of it (``"dir"``), or not in it at all

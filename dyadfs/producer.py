@@ -203,13 +203,20 @@ class Producer:
 
     async def _commit(self, rels: list[bytes], st: os.stat_result, key: Key, gen: int) -> None:
         assert self.catalog is not None
-        for rel in rels:
-            await self.catalog.publish(rel, st)
-            self._marks.pop(rel, None)
-            self.stats.published += 1
         state = self._changing.get(key)
         if state is not None and state.gen == gen and not state.failed:
-            del self._changing[key]  # what was published is what the file holds
+            # What is being published is what the file holds. Cleared before the commit: a
+            # consumer woken by the commit may fetch before this task runs again.
+            del self._changing[key]
+        try:
+            for rel in rels:
+                await self.catalog.publish(rel, st)
+                self._marks.pop(rel, None)
+                self.stats.published += 1
+        except BaseException:
+            if state is not None:
+                self._changing.setdefault(key, state)
+            raise
 
     async def publish(self, rels: list[bytes], fd: int) -> None:
         """Publish the names *rels* of the file open at *fd*, as it is now (a truncation
