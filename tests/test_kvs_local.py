@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -149,11 +150,100 @@ def test_an_idle_waiter_costs_no_cpu(tmp_path: Path) -> None:
     assert cpu < 0.02, f"an idle waiter used {cpu:.3f} s of CPU in 2 s"
 
 
-def test_malformed_database_is_a_clear_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize("garbage", [b"this is not a database" * 100,
+                                     b"SQLite format 3\x00" + b"\xff" * 4000],
+                         ids=["not-sqlite", "bad-header"])
+def test_damaged_database_says_what_to_do(tmp_path: Path, garbage: bytes) -> None:
     bad = tmp_path / "kvs.sqlite"
-    bad.write_bytes(b"this is not a database" * 100)
-    with pytest.raises(KVSError, match="cannot open the embedded KVS"):
+    bad.write_bytes(garbage)
+    with pytest.raises(KVSError) as err:
         LocalKVS(bad)
+    message = str(err.value)
+    assert "\n" not in message and f"embedded KVS at {bad}" in message
+    assert f"mv {bad} {bad}.broken" in message and "--kvs local:PATH" in message
+
+
+def test_files_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    """The database holds the namespace's secret: 0600 (and so are its WAL and notify files),
+    in directories made 0700."""
+    import stat
+    path = tmp_path / "a" / "b" / "kvs.sqlite"
+    files = (path, path.with_name("kvs.sqlite.notify"), path.with_name("kvs.sqlite-wal"),
+             path.with_name("kvs.sqlite-shm"))
+    modes: dict[Path, int] = {}
+    old = os.umask(0)
+    try:
+        async def body(kvs: LocalKVS) -> None:
+            assert await kvs.put_if_absent("a", "meta/secret", b"s") == b"s"
+            modes.update((p, stat.S_IMODE(p.stat().st_mode)) for p in files)
+        run_with(path, body)
+    finally:
+        os.umask(old)
+    assert modes == {p: 0o600 for p in files}
+    for d in (tmp_path / "a", tmp_path / "a" / "b"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+
+
+def test_point_reads_never_wait_on_the_trio_thread(tmp_path: Path) -> None:
+    """The trio thread's read-only connection has no busy wait (a busy database would stall
+    every FUSE request for its length): a busy read goes to the worker thread at once."""
+    import sqlite3
+    path = tmp_path / "kvs.sqlite"
+
+    class Busy:
+        def execute(self, *args: object) -> None:
+            raise sqlite3.OperationalError("database is locked")
+
+    async def body(kvs: LocalKVS) -> None:
+        assert kvs._reader.execute("PRAGMA busy_timeout").fetchone() == (0,)
+        await kvs.commit("a", {"files/x": b"1"})
+        reader, kvs._reader = kvs._reader, Busy()  # type: ignore[assignment]
+        try:
+            assert await kvs.get("a", "files/x") == b"1"
+        finally:
+            kvs._reader = reader
+    run_with(path, body)
+
+
+def test_put_if_absent_is_atomic_across_processes(tmp_path: Path) -> None:
+    """Mounts started together: every caller, in every process, gets the one stored value."""
+    db = tmp_path / "kvs.sqlite"
+    script = textwrap.dedent(f"""
+        import os, sys, trio
+        from dyadfs.kvs.local import LocalKVS
+        async def main():
+            kvs = LocalKVS({str(db)!r})
+            print("ready", flush=True)
+            sys.stdin.readline()  # the barrier: every process is ready
+            out = []
+            async def one(i):
+                mine = os.urandom(8).hex().encode()
+                out.append(await kvs.put_if_absent("a", "meta/secret", mine))
+            async with trio.open_nursery() as n:
+                for i in range(8):
+                    n.start_soon(one, i)
+            await kvs.aclose()
+            print(" ".join(v.decode() for v in out), flush=True)
+        trio.run(main)
+    """)
+    LocalKVS(db)  # created once: the processes race on the key, not on making the file
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    try:
+        for p in procs:
+            assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        values = set()
+        for p in procs:
+            out, _ = p.communicate(timeout=60)
+            values.update(out.split())
+    finally:
+        for p in procs:
+            p.kill()
+    assert len(values) == 1
 
 
 def test_change_feed_in_commit_order_per_namespace(tmp_path: Path) -> None:

@@ -9,7 +9,11 @@ binding) and re-checks the keys it waits for when it changes. A waiter wakes wit
 millisecond or two of the commit and an idle one costs no CPU. A slow re-check (every
 ``SAFETY_RECHECK`` seconds) covers the one case inotify can lose, a queue overflow.
 
-SQLite calls are blocking, so they run in worker threads, one at a time (one connection).
+SQLite calls are blocking, so they run in worker threads, one at a time (one connection). Two
+exceptions, both on the trio thread and both without any busy wait (``timeout=0``): point reads
+through a read-only connection, and commits through a third one; either goes to the worker
+thread at once if SQLite says the database is busy, so that another process holding a lock
+never stalls this one's file system.
 
 The change feed (:meth:`LocalKVS.follow`, for ``--prefetch``): every commit also appends the
 ``files/`` keys it changed to the ``feed`` table, whose rowid is a sequence number across the
@@ -18,6 +22,10 @@ file changes. The feed keeps the last ``FEED_KEEP`` entries; a follower that fel
 is told to rescan (``meta.feed_pruned`` says how far the feed was cut).
 
 Database schema 2 (schema 1 had no feed; it is upgraded in place when opened).
+
+The database holds the namespace's secret: it is created 0600 (its WAL and shared-memory files
+take the same mode from SQLite), the notify file too, and any directory made for them 0700,
+whatever the umask.
 """
 
 from __future__ import annotations
@@ -78,29 +86,68 @@ def _prefix_bounds(prefix: bytes) -> tuple[bytes, bytes | None]:
     return prefix, bytes(p)
 
 
+def _advice(path: Path) -> str:
+    return (f"move it aside (mv {path} {path}.broken) to start with an empty one (what it "
+            "recorded is lost: unmount this machine's mounts first), or use another one with "
+            "--kvs local:PATH")
+
+
+def _private_dirs(directory: Path) -> None:
+    """Make *directory* and any missing parent 0700 (whatever the umask); leave existing ones."""
+    missing = []
+    d = directory
+    while not d.exists():
+        missing.append(d)
+        d = d.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            continue  # made meanwhile by another mount
+        os.chmod(d, 0o700)  # the umask may have taken bits away
+
+
+def _private_file(path: Path) -> None:
+    """Create *path* 0600 unless it exists (whatever the umask)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
 class LocalKVS(KVS):
     name = "local"
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = path = Path(path)
         try:
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _private_dirs(path.parent)
+            _private_file(path)
             self._db = sqlite3.connect(str(path), timeout=30.0, isolation_level=None,
                                        check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
             schema = self._db.execute("SELECT v FROM meta WHERE k='schema'").fetchone()[0]
-        except (OSError, sqlite3.Error) as e:
-            raise KVSError(f"cannot open the embedded KVS at {path}: {e}") from None
+        except sqlite3.Error as e:
+            raise self._error(e, opening=True) from None
+        except OSError as e:
+            raise KVSError(f"cannot open the embedded KVS at {path}: {e.strerror or e}") \
+                from None
         if schema != DB_SCHEMA:
             raise KVSError(f"the embedded KVS at {path} has schema {schema}; this dyadfs reads "
-                           f"{DB_SCHEMA} (remove it, or use --kvs local:PATH for another one)")
+                           f"{DB_SCHEMA}: use the dyadfs that wrote it, or {_advice(path)}")
         try:
             # Point reads run on the trio thread through their own connection: a WAL reader
             # never waits for the writer, and a read (~20 us) costs less than a thread hop
-            # (~150 us here). Should SQLite still say busy, the read goes to a thread.
-            self._reader = sqlite3.connect(str(path), timeout=0.05, isolation_level=None,
+            # (~150 us here). SQLite may still say busy (a checkpoint that resets the WAL,
+            # another process' exclusive lock): then, with no busy wait here (a wait on the
+            # trio thread would stall every FUSE request), the read goes to the worker thread.
+            self._reader = sqlite3.connect(str(path), timeout=0, isolation_level=None,
                                            check_same_thread=False)
             self._reader.execute("PRAGMA query_only=1")
             # Commits, too, are tried on the trio thread first (a publication is on the path
@@ -113,21 +160,31 @@ class LocalKVS(KVS):
             self._fast.execute("PRAGMA synchronous=NORMAL")
             self._fast.execute("PRAGMA wal_autocheckpoint=0")
         except sqlite3.Error as e:
-            raise KVSError(f"cannot open the embedded KVS at {path}: {e}") from None
+            raise self._error(e, opening=True) from None
         self._notify = path.with_name(path.name + ".notify")
-        self._notify.touch(exist_ok=True)
+        _private_file(self._notify)
         self._limiter = trio.CapacityLimiter(1)
         self._fast_commits = 0
         self._changed = trio.Event()
         self._inotify: inotify_simple.INotify | None = None
         self._closed = False
 
+    def _error(self, e: sqlite3.Error, opening: bool = False) -> KVSError:
+        """One line for a SQLite error; for a damaged database, what to do about it."""
+        code = getattr(e, "sqlite_errorcode", 0) & 0xFF
+        if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+            return KVSError(f"the embedded KVS at {self.path} is damaged ({e}): "
+                            f"{_advice(self.path)}")
+        if opening:
+            return KVSError(f"cannot open the embedded KVS at {self.path}: {e}")
+        return KVSError(f"embedded KVS {self.path}: {e}")
+
     def _touch(self) -> None:
         """Tell every process on this machine that something was committed."""
         try:
             os.utime(self._notify)
         except FileNotFoundError:  # removed by hand: make it again (watchers re-watch it)
-            self._notify.touch()
+            _private_file(self._notify)
 
     @classmethod
     def from_config(cls, config: Config) -> LocalKVS:
@@ -138,7 +195,7 @@ class LocalKVS(KVS):
             try:
                 return fn(*args)
             except sqlite3.Error as e:
-                raise KVSError(f"embedded KVS {self.path}: {e}") from None
+                raise self._error(e) from None
         return await trio.to_thread.run_sync(guarded, limiter=self._limiter)
 
     # -- namespaces ------------------------------------------------------------------------
@@ -216,10 +273,10 @@ class LocalKVS(KVS):
             do(self._fast)
         except sqlite3.OperationalError as e:
             if e.sqlite_errorcode & 0xFF not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-                raise KVSError(f"embedded KVS {self.path}: {e}") from None
+                raise self._error(e) from None
             await self._call(do, self._db)  # another writer holds the lock: wait in a thread
         except sqlite3.Error as e:
-            raise KVSError(f"embedded KVS {self.path}: {e}") from None
+            raise self._error(e) from None
         else:
             await self._after_fast_commit()
 
@@ -232,6 +289,7 @@ class LocalKVS(KVS):
     async def put_if_absent(self, ns: str, key: str, value: bytes) -> bytes:
         def do() -> bytes:
             db = self._db
+            # atomic across processes: one statement, under SQLite's write lock
             cur = db.execute("INSERT OR IGNORE INTO kv VALUES (?, ?, ?)", (ns, _enc(key), value))
             if cur.rowcount:
                 self._touch()
@@ -277,11 +335,14 @@ class LocalKVS(KVS):
         return seq, keys, len(rows) == FEED_BATCH
 
     async def follow(self, ns: str, on_change: Callable[[list[str] | None], None]) -> None:
+        def top(db: sqlite3.Connection) -> int:
+            return int(db.execute("SELECT COALESCE(MAX(seq), 0) FROM feed").fetchone()[0])
         try:
-            cursor = int(self._reader.execute(
-                "SELECT COALESCE(MAX(seq), 0) FROM feed").fetchone()[0])
+            cursor = top(self._reader)
+        except sqlite3.OperationalError:  # busy: no waiting on this thread
+            cursor = await self._call(top, self._db)
         except sqlite3.Error as e:
-            raise KVSError(f"embedded KVS {self.path}: {e}") from None
+            raise self._error(e) from None
         on_change(None)  # what was published before now: rescan
         while True:
             changed = self._changed  # taken before the read: no change can slip between
@@ -330,7 +391,7 @@ class LocalKVS(KVS):
                 if any(e.mask & (flags.DELETE_SELF | flags.MOVE_SELF | flags.IGNORED)
                        for e in events):
                     # someone removed the notify file: make it again and watch the new one
-                    self._notify.touch(exist_ok=True)
+                    _private_file(self._notify)
                     ino.add_watch(str(self._notify), mask)
                 self._changed.set()
                 self._changed = trio.Event()
