@@ -21,7 +21,18 @@ database. A follower keeps its last sequence number and reads what came after it
 file changes. The feed keeps the last ``FEED_KEEP`` entries; a follower that fell further behind
 is told to rescan (``meta.feed_pruned`` says how far the feed was cut).
 
-Database schema 2 (schema 1 had no feed; it is upgraded in place when opened).
+The directory index (see :mod:`dyadfs.keys`) is the ``dirents`` table, one row per entry:
+``(ns, dir, name, sub)`` where ``dir`` is the directory's path (``b""``: the top) and ``sub``
+is 1 when something was published below ``dir/name`` (it is a directory, implicit unless
+``files/dir/name`` also has a record). The row exists while the name has a record or
+``sub`` is 1. A commit maintains it in the same transaction as the records: a put adds the
+name's row and marks each ancestor ``sub`` (stopping at the first that already is: its own
+ancestors are too), a removal deletes the row unless ``sub``, a drop deletes every row below
+the directory and clears its ``sub``. So ``children`` is one indexed range read of the
+directory's rows joined to their records, and ``is_dir`` one point read.
+
+Database schema 3. Schema 1 had no feed, schema 2 no index; an older database is upgraded in
+place when opened (the index is built from the records it holds).
 
 The database holds the namespace's secret: it is created 0600 (its WAL and shared-memory files
 take the same mode from SQLite), the notify file too, and any directory made for them 0700,
@@ -33,7 +44,7 @@ from __future__ import annotations
 import math
 import os
 import sqlite3
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -51,20 +62,19 @@ SAFETY_RECHECK = 5.0
 FEED_KEEP = 200_000
 FEED_BATCH = 4096
 CHECKPOINT_EVERY = 256  # commits on the trio thread between checkpoints (in the worker thread)
-DB_SCHEMA = "2"
+DB_SCHEMA = "3"
 T = TypeVar("T")
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS namespaces (ns TEXT PRIMARY KEY, created REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS kv (
-    ns TEXT NOT NULL, key BLOB NOT NULL, value BLOB NOT NULL,
-    PRIMARY KEY (ns, key)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS feed (seq INTEGER PRIMARY KEY AUTOINCREMENT, ns TEXT NOT NULL,
-    key BLOB NOT NULL);
-INSERT OR IGNORE INTO meta VALUES ('schema', '2');
-INSERT OR IGNORE INTO meta VALUES ('feed_pruned', '0');
-UPDATE meta SET v='2' WHERE k='schema' AND v='1';
-"""
+_TABLES = (
+    "CREATE TABLE IF NOT EXISTS namespaces (ns TEXT PRIMARY KEY, created REAL NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS kv (ns TEXT NOT NULL, key BLOB NOT NULL, value BLOB NOT NULL, "
+    "PRIMARY KEY (ns, key)) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS feed (seq INTEGER PRIMARY KEY AUTOINCREMENT, ns TEXT NOT NULL, "
+    "key BLOB NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS dirents (ns TEXT NOT NULL, dir BLOB NOT NULL, name BLOB NOT NULL, "
+    "sub INTEGER NOT NULL, PRIMARY KEY (ns, dir, name)) WITHOUT ROWID",
+)
+_FILES = FILES.encode()
+_FILES_END = _FILES[:-1] + bytes([_FILES[-1] + 1])  # every files/ key sorts below this
 
 
 def _enc(key: str) -> bytes:
@@ -119,55 +129,124 @@ def _private_file(path: Path) -> None:
         os.close(fd)
 
 
+def _split(path: bytes) -> tuple[bytes, bytes]:
+    """(directory, name) of a path in the ``files/`` namespace."""
+    d, _, n = path.rpartition(b"/")
+    return d, n
+
+
+def _index_put(db: sqlite3.Connection, ns: str, path: bytes) -> None:
+    d, n = _split(path)
+    db.execute("INSERT OR IGNORE INTO dirents VALUES (?, ?, ?, 0)", (ns, d, n))
+    while d:
+        d, n = _split(d)
+        cur = db.execute("INSERT INTO dirents VALUES (?, ?, ?, 1) ON CONFLICT DO UPDATE "
+                         "SET sub=1 WHERE sub=0", (ns, d, n))
+        if cur.rowcount == 0:
+            break  # already a directory: so are all its ancestors
+
+
+def _index_remove(db: sqlite3.Connection, ns: str, path: bytes) -> None:
+    d, n = _split(path)
+    db.execute("DELETE FROM dirents WHERE ns=? AND dir=? AND name=? AND sub=0", (ns, d, n))
+
+
+def _index_drop(db: sqlite3.Connection, ns: str, path: bytes) -> None:
+    if not path:
+        return  # the top is never dropped
+    below = path + b"/"
+    end = path + b"0"  # "0" follows "/": [path/, path0) is everything below path
+    db.execute("DELETE FROM dirents WHERE ns=? AND (dir=? OR (dir>=? AND dir<?))",
+               (ns, path, below, end))
+    d, n = _split(path)
+    db.execute("UPDATE dirents SET sub=0 WHERE ns=? AND dir=? AND name=?", (ns, d, n))
+    db.execute("DELETE FROM dirents WHERE ns=? AND dir=? AND name=? AND NOT EXISTS "
+               "(SELECT 1 FROM kv WHERE ns=? AND key=?)", (ns, d, n, ns, _FILES + path))
+
+
+def _upgrade(db: sqlite3.Connection, path: Path) -> None:
+    """Create the tables, or bring an older database to DB_SCHEMA, in one transaction."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL)")
+        row = db.execute("SELECT v FROM meta WHERE k='schema'").fetchone()
+        schema = None if row is None else row[0]
+        if schema not in (None, "1", "2", DB_SCHEMA):
+            raise KVSError(f"the embedded KVS at {path} has schema {schema}, written by a newer "
+                           f"dyadfs; this one reads {DB_SCHEMA}: use that dyadfs, or "
+                           f"{_advice(path)}")
+        for statement in _TABLES:
+            db.execute(statement)
+        db.execute("INSERT OR IGNORE INTO meta VALUES ('feed_pruned', '0')")
+        if schema != DB_SCHEMA:
+            # Schema 1 and 2 have no index: build it from the records (a fresh database has
+            # none). Schema 1's missing feed starts empty, as the CREATE above made it.
+            rows = db.execute("SELECT ns, key FROM kv WHERE key>=? AND key<?",
+                              (_FILES, _FILES_END)).fetchall()
+            for ns, key in rows:
+                _index_put(db, ns, bytes(key)[len(_FILES):])
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (DB_SCHEMA,))
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
 class LocalKVS(KVS):
     name = "local"
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = path = Path(path)
+        self._conns: list[sqlite3.Connection] = []
+        try:
+            self._open(path)
+        except BaseException:
+            for conn in self._conns:
+                conn.close()
+            raise
+        self._limiter = trio.CapacityLimiter(1)
+        self._fast_commits = 0
+        self._changed = trio.Event()
+        self._inotify: inotify_simple.INotify | None = None
+        self._closed = False
+
+    def _connect(self, path: Path, timeout: float) -> sqlite3.Connection:
+        conn = sqlite3.connect(str(path), timeout=timeout, isolation_level=None,
+                               check_same_thread=False)
+        self._conns.append(conn)
+        return conn
+
+    def _open(self, path: Path) -> None:
         try:
             _private_dirs(path.parent)
             _private_file(path)
-            self._db = sqlite3.connect(str(path), timeout=30.0, isolation_level=None,
-                                       check_same_thread=False)
+            self._db = self._connect(path, 30.0)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
-            schema = self._db.execute("SELECT v FROM meta WHERE k='schema'").fetchone()[0]
-        except sqlite3.Error as e:
-            raise self._error(e, opening=True) from None
-        except OSError as e:
-            raise KVSError(f"cannot open the embedded KVS at {path}: {e.strerror or e}") \
-                from None
-        if schema != DB_SCHEMA:
-            raise KVSError(f"the embedded KVS at {path} has schema {schema}; this dyadfs reads "
-                           f"{DB_SCHEMA}: use the dyadfs that wrote it, or {_advice(path)}")
-        try:
+            _upgrade(self._db, path)
             # Point reads run on the trio thread through their own connection: a WAL reader
             # never waits for the writer, and a read (~20 us) costs less than a thread hop
             # (~150 us here). SQLite may still say busy (a checkpoint that resets the WAL,
             # another process' exclusive lock): then, with no busy wait here (a wait on the
             # trio thread would stall every FUSE request), the read goes to the worker thread.
-            self._reader = sqlite3.connect(str(path), timeout=0, isolation_level=None,
-                                           check_same_thread=False)
+            self._reader = self._connect(path, 0)
             self._reader.execute("PRAGMA query_only=1")
             # Commits, too, are tried on the trio thread first (a publication is on the path
             # from a producer's close() to its consumers): with no busy wait at all, so that a
             # commit of another process never stalls this one's file system; if the database
             # is locked, the commit goes to the worker thread, which waits. Checkpoints, which
             # may fsync, stay in the worker thread (see _after_fast_commit).
-            self._fast = sqlite3.connect(str(path), timeout=0, isolation_level=None,
-                                         check_same_thread=False)
+            self._fast = self._connect(path, 0)
             self._fast.execute("PRAGMA synchronous=NORMAL")
             self._fast.execute("PRAGMA wal_autocheckpoint=0")
+            self._notify = path.with_name(path.name + ".notify")
+            _private_file(self._notify)
         except sqlite3.Error as e:
             raise self._error(e, opening=True) from None
-        self._notify = path.with_name(path.name + ".notify")
-        _private_file(self._notify)
-        self._limiter = trio.CapacityLimiter(1)
-        self._fast_commits = 0
-        self._changed = trio.Event()
-        self._inotify: inotify_simple.INotify | None = None
-        self._closed = False
+        except OSError as e:
+            raise KVSError(f"cannot open the embedded KVS at {path}: {e.strerror or e}") \
+                from None
 
     def _error(self, e: sqlite3.Error, opening: bool = False) -> KVSError:
         """One line for a SQLite error; for a damaged database, what to do about it."""
@@ -198,6 +277,17 @@ class LocalKVS(KVS):
                 raise self._error(e) from None
         return await trio.to_thread.run_sync(guarded, limiter=self._limiter)
 
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a short read on the trio thread, or in the worker thread if SQLite is busy."""
+        try:
+            value = fn(self._reader)
+        except sqlite3.OperationalError:
+            value = await self._call(fn, self._db)
+        except sqlite3.Error as e:
+            raise self._error(e) from None
+        await trio.lowlevel.checkpoint()
+        return value
+
     # -- namespaces ------------------------------------------------------------------------
     async def ensure_namespace(self, ns: str, create: bool = True) -> None:
         def do() -> bool:
@@ -215,6 +305,7 @@ class LocalKVS(KVS):
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.execute("DELETE FROM kv WHERE ns=?", (ns,))
+                self._db.execute("DELETE FROM dirents WHERE ns=?", (ns,))
                 self._db.execute("DELETE FROM namespaces WHERE ns=?", (ns,))
                 self._db.execute("COMMIT")
             except BaseException:
@@ -236,25 +327,30 @@ class LocalKVS(KVS):
         return None if row is None else bytes(row[0])
 
     async def get(self, ns: str, key: str) -> bytes | None:
-        try:
-            value = self._get(ns, key, self._reader)
-        except sqlite3.OperationalError:
-            value = await self._call(self._get, ns, key)
-        await trio.lowlevel.checkpoint()
-        return value
+        return await self._read(lambda db: self._get(ns, key, db))
 
-    async def commit(self, ns: str, puts: Mapping[str, bytes | None]) -> None:
+    async def commit(self, ns: str, puts: Mapping[str, bytes | None],
+                     drop: Sequence[str] = ()) -> None:
         items = [(_enc(k), v) for k, v in puts.items()]
         feed = [(ns, _enc(k)) for k in puts if k.startswith(FILES)]
+        dropped = [_enc(d) for d in drop]
 
         def do(db: sqlite3.Connection) -> None:
             db.execute("BEGIN IMMEDIATE")
             try:
+                for path in dropped:  # first: this commit may publish below them again
+                    _index_drop(db, ns, path)
                 for key, value in items:
                     if value is None:
                         db.execute("DELETE FROM kv WHERE ns=? AND key=?", (ns, key))
                     else:
                         db.execute("INSERT OR REPLACE INTO kv VALUES (?, ?, ?)", (ns, key, value))
+                    if key.startswith(_FILES):
+                        path = key[len(_FILES):]
+                        if value is None:
+                            _index_remove(db, ns, path)
+                        else:
+                            _index_put(db, ns, path)
                 if feed:
                     db.executemany("INSERT INTO feed (ns, key) VALUES (?, ?)", feed)
                     seq = db.execute("SELECT last_insert_rowid()").fetchone()[0]
@@ -314,6 +410,36 @@ class LocalKVS(KVS):
         result: dict[str, bytes] = await self._call(do)
         return result
 
+    # -- the directory index ---------------------------------------------------------------
+    async def children(self, ns: str, path: str) -> dict[str, bytes | None]:
+        d = _enc(path)
+        prefix = _FILES + d + b"/" if d else _FILES
+
+        def do() -> dict[str, bytes | None]:
+            # || joins the blobs as text, byte for byte; the CAST makes it a blob again so
+            # that it compares equal to the key column.
+            rows = self._db.execute(
+                "SELECT d.name, d.sub, kv.value FROM dirents AS d LEFT JOIN kv "
+                "ON kv.ns=d.ns AND kv.key=CAST(? || d.name AS BLOB) WHERE d.ns=? AND d.dir=?",
+                (prefix, ns, d))
+            return {_dec(bytes(name)): None if value is None else bytes(value)
+                    for name, sub, value in rows if sub or value is not None}
+
+        # a thread: unlike a point read, a large directory takes milliseconds
+        result: dict[str, bytes | None] = await self._call(do)
+        return result
+
+    async def is_dir(self, ns: str, path: str) -> bool:
+        if not path:
+            return True
+        d, n = _split(_enc(path))
+
+        def do(db: sqlite3.Connection) -> bool:
+            row = db.execute("SELECT sub FROM dirents WHERE ns=? AND dir=? AND name=?",
+                             (ns, d, n)).fetchone()
+            return row is not None and bool(row[0])
+        return await self._read(do)
+
     # -- the change feed -----------------------------------------------------------------
     def _feed_after(self, ns: str, seq: int) -> tuple[int, list[str] | None, bool]:
         """(new cursor, keys of *ns* changed after *seq*, whether more may follow); the keys are
@@ -335,14 +461,8 @@ class LocalKVS(KVS):
         return seq, keys, len(rows) == FEED_BATCH
 
     async def follow(self, ns: str, on_change: Callable[[list[str] | None], None]) -> None:
-        def top(db: sqlite3.Connection) -> int:
-            return int(db.execute("SELECT COALESCE(MAX(seq), 0) FROM feed").fetchone()[0])
-        try:
-            cursor = top(self._reader)
-        except sqlite3.OperationalError:  # busy: no waiting on this thread
-            cursor = await self._call(top, self._db)
-        except sqlite3.Error as e:
-            raise self._error(e) from None
+        cursor = await self._read(
+            lambda db: int(db.execute("SELECT COALESCE(MAX(seq), 0) FROM feed").fetchone()[0]))
         on_change(None)  # what was published before now: rescan
         while True:
             changed = self._changed  # taken before the read: no change can slip between
