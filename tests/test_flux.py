@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,53 @@ def test_flux_change_feed(flux_instance: FluxInstance) -> None:
     feed = trio.run(main)
     assert feed.got[0] == ["files/early"]  # the first answer is the whole feed so far
     assert feed.keys() == ["files/g/x", "files/g/y", "files/early"]
+
+
+def test_flux_put_if_absent_is_atomic_across_brokers(flux_instance: FluxInstance) -> None:
+    """Mounts started together (``flux exec -r all dyadfs mount``) must agree on the namespace's
+    secret: many concurrent callers in two processes, one on each broker, get one value."""
+    import trio
+
+    from dyadfs.kvs.flux import FluxKVS
+
+    ns = f"secret-{os.getpid()}-{os.urandom(3).hex()}"
+    script = textwrap.dedent(f"""
+        import os, sys, trio
+        from dyadfs.kvs.flux import FluxKVS
+        async def main():
+            kvs = FluxKVS()
+            print("ready", flush=True)
+            sys.stdin.readline()  # the barrier: both processes are ready
+            out = []
+            async def one():
+                value = os.urandom(8).hex().encode()
+                out.append(await kvs.put_if_absent({ns!r}, "meta/secret", value))
+            async with trio.open_nursery() as n:
+                for _ in range(16):
+                    n.start_soon(one)
+            print(" ".join(v.decode() for v in out), flush=True)
+        trio.run(main)
+    """)
+    trio.run(FluxKVS(flux_instance.uris[0]).ensure_namespace, ns)
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=flux_instance.env(rank))
+             for rank in (0, 1)]
+    try:
+        for p in procs:
+            assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        values: list[str] = []
+        for p in procs:
+            out, _ = p.communicate(timeout=120)
+            values += out.split()
+    finally:
+        for p in procs:
+            p.kill()
+        trio.run(FluxKVS(flux_instance.uris[0]).remove_namespace, ns)
+    assert len(values) == 32 and len(set(values)) == 1, values
 
 
 def test_flux_listing_log_compaction_races_writers(flux_instance: FluxInstance,

@@ -71,6 +71,11 @@ keys also appends them, one JSON string per line, to ``dyadfs.feed`` (``FLUX_KVS
 same transaction); a follower watches it with ``FLUX_KVS_WATCH_APPEND``: the first answer is the
 whole feed, each later one only what was appended.
 
+``put_if_absent`` (the namespace's secret): ``[assert dyadfs.once.<hex key> does not exist, put
+dyadfs.once.<hex key>.w, put the value]``: of mounts started together on every broker, exactly
+one transaction succeeds; the others fail (EISDIR) and read the value it wrote (a waiting lookup:
+another broker may see that commit a moment later).
+
 Threads: Flux handles are not thread-safe, so each worker thread that touches Flux owns its own
 handle (thread-local). Blocking calls run in trio worker threads; a waiting lookup is a Flux KVS
 watch (``FLUX_KVS_WATCH | FLUX_KVS_WAITCREATE``) waited on in half-second slices, so that a
@@ -118,6 +123,7 @@ SLICE = 0.5
 BINS = 64
 COMPACT_EVERY = 256  # own appends to a directory's log between compactions (at least)
 COMPACT_MIN = 256  # a reader compacts a log of more lines than this and than live entries
+SECRET_WAIT = 30.0  # how long a put_if_absent that lost waits to see the winner's value
 _RETIRED_NS = "dyadfs-retired"  # never created: writes through a retired marker fail
 _APPEND = flux.constants.FLUX_KVS_APPEND
 _READDIR = flux.constants.FLUX_KVS_READDIR
@@ -162,6 +168,10 @@ def _log_dir(path: str) -> str:
     """L(D): the generations of *path*'s listing log."""
     raw = os.fsencode(path)
     return f"{_ROOT}.logs.{_bins(raw)}._{raw.hex()}"
+
+
+def _once(key: str) -> str:
+    return f"{_ROOT}.once.{os.fsencode(key).hex()}"
 
 
 def _is_hex(name: str) -> bool:
@@ -457,15 +467,33 @@ class FluxKVS(KVS):
             await self._compact_soon(ns, d)
 
     async def put_if_absent(self, ns: str, key: str, value: bytes) -> bytes:
-        # Flux has no compare-and-swap; the one caller (the namespace's secret) tolerates the
-        # race: two first mounts may both write, and both read back the value that won.
-        current = await self.get(ns, key)
-        if current is not None:
-            return current
-        await self.commit(ns, {key: value})
-        stored = await self.get(ns, key)
-        assert stored is not None
-        return stored
+        fkey, once = flux_key(key), _once(key)
+
+        def do() -> bytes:
+            current = self._lookup(ns, fkey)
+            if current is not None:
+                return current
+            try:
+                self._commit(ns, [("absent", once), ("put", f"{once}.w", b""),
+                                  ("put", fkey, value)])
+                return value
+            except OSError as e:
+                if e.errno not in _GUARD_FAILED:
+                    raise
+            # another caller's transaction won; this broker may see it a moment later
+            fut = self._send(ns, fkey, flux.constants.FLUX_KVS_WAITCREATE)
+            try:
+                RAW.flux_future_wait_for(fut, SECRET_WAIT)
+            except OSError as e:
+                _cancel_lookup(fut)
+                raise KVSError(f"Flux KVS: {key!r} was written by another mount but cannot "
+                               f"be read ({e.strerror or e})") from None
+            stored = self._take(fut)
+            if stored is None:
+                raise KVSError(f"Flux KVS: {key!r} was written by another mount and removed")
+            return stored
+        result: bytes = await self._run(do)
+        return result
 
     async def list_prefix(self, ns: str, prefix: str) -> dict[str, bytes]:
         """Every key starting with *prefix*. A ``files/`` prefix is a path: that key and
@@ -738,6 +766,15 @@ def _cancel_watch(fut: Any) -> None:
         fut.cancel(stop=True)
     except OSError:
         pass
+
+
+def _cancel_lookup(fut: Any) -> None:
+    """Drop a waiting lookup that is still pending (the broker forgets it too)."""
+    try:
+        RAW.flux_kvs_lookup_cancel(fut)
+    except OSError:
+        pass
+    RAW.flux_future_destroy(fut)
 
 
 def _feed_lines(data: bytes) -> list[str]:
