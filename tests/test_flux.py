@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,188 @@ def test_flux_change_feed(flux_instance: FluxInstance) -> None:
     feed = trio.run(main)
     assert feed.got[0] == ["files/early"]  # the first answer is the whole feed so far
     assert feed.keys() == ["files/g/x", "files/g/y", "files/early"]
+
+
+def test_flux_put_if_absent_is_atomic_across_brokers(flux_instance: FluxInstance) -> None:
+    """Mounts started together (``flux exec -r all dyadfs mount``) must agree on the namespace's
+    secret: many concurrent callers in two processes, one on each broker, get one value."""
+    import trio
+
+    from dyadfs.kvs.flux import FluxKVS
+
+    ns = f"secret-{os.getpid()}-{os.urandom(3).hex()}"
+    script = textwrap.dedent(f"""
+        import os, sys, trio
+        from dyadfs.kvs.flux import FluxKVS
+        async def main():
+            kvs = FluxKVS()
+            print("ready", flush=True)
+            sys.stdin.readline()  # the barrier: both processes are ready
+            out = []
+            async def one():
+                value = os.urandom(8).hex().encode()
+                out.append(await kvs.put_if_absent({ns!r}, "meta/secret", value))
+            async with trio.open_nursery() as n:
+                for _ in range(16):
+                    n.start_soon(one)
+            print(" ".join(v.decode() for v in out), flush=True)
+        trio.run(main)
+    """)
+    trio.run(FluxKVS(flux_instance.uris[0]).ensure_namespace, ns)
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=flux_instance.env(rank))
+             for rank in (0, 1)]
+    try:
+        for p in procs:
+            assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        values: list[str] = []
+        for p in procs:
+            out, _ = p.communicate(timeout=120)
+            values += out.split()
+    finally:
+        for p in procs:
+            p.kill()
+        trio.run(FluxKVS(flux_instance.uris[0]).remove_namespace, ns)
+    assert len(values) == 32 and len(set(values)) == 1, values
+
+
+def test_flux_listing_log_compaction_races_writers(flux_instance: FluxInstance,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writers on both brokers publish and remove in one directory while its listing log is
+    compacted again and again (each writer every 3 of its appends, readers when they see a long
+    log): no publication is lost, none comes back, and old generations are retired."""
+    import json
+
+    import trio
+    import trio.lowlevel
+
+    import dyadfs.kvs.flux as fluxkvs
+    from dyadfs.kvs.flux import FluxKVS
+
+    monkeypatch.setattr(fluxkvs, "COMPACT_EVERY", 3)
+    monkeypatch.setattr(fluxkvs, "COMPACT_MIN", 8)
+    ns = f"compact-{os.getpid()}-{os.urandom(3).hex()}"
+    expected: dict[str, bytes | None] = {}
+
+    async def writer(kvs: FluxKVS, tag: str) -> None:
+        for i in range(40):
+            name = f"{tag}{i % 9}"
+            value = None if i % 5 == 4 else f"{tag}-{i}".encode()
+            await kvs.commit(ns, {f"files/d/{name}": value})
+            expected[name] = value
+
+    async def reader(kvs: FluxKVS) -> None:
+        while True:
+            await kvs.children(ns, "d")
+            await trio.lowlevel.checkpoint()
+
+    async def main() -> tuple[dict[str, bytes | None], dict[str, bytes | None], list[str]]:
+        a, b = FluxKVS(flux_instance.uris[0]), FluxKVS(flux_instance.uris[1])
+        await a.ensure_namespace(ns)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(a.run)
+                await nursery.start(b.run)
+                nursery.start_soon(reader, a)
+                nursery.start_soon(reader, b)
+                async with trio.open_nursery() as writers:
+                    for kvs, tag in ((a, "p"), (a, "q"), (b, "r"), (b, "s")):
+                        writers.start_soon(writer, kvs, tag)
+                nursery.cancel_scope.cancel()  # a compaction under way ends its step first
+            # b's broker has seen every commit once one of b's own is answered
+            await b.commit(ns, {"mounts/sync": b"{}"})
+            seen_a, seen_b = await a.children(ns, "d"), await b.children(ns, "d")
+            logdir = await a._run(
+                lambda: a._take_treeobj(a._send(ns, fluxkvs._log_dir("d"), fluxkvs._READDIR)))
+        finally:
+            await a.remove_namespace(ns)
+        assert logdir is not None
+        kinds = [json.dumps(ent["type"]) for ent in logdir["data"].values()]
+        return seen_a, seen_b, kinds
+
+    seen_a, seen_b, kinds = trio.run(main)
+    want = {k: v for k, v in expected.items() if v is not None}
+    assert seen_a == want and seen_b == want
+    assert kinds.count('"symlink"') >= 5, kinds  # retired generations: it did compact
+
+
+def test_flux_compaction_cut_short_is_finished_by_anyone(flux_instance: FluxInstance) -> None:
+    """A compactor that died between its two commits leaves two live generations: listings
+    stay right meanwhile, writers go to the new one, and the next compaction finishes it."""
+    import trio
+
+    import dyadfs.kvs.flux as fluxkvs
+    from dyadfs.kvs.flux import FluxKVS
+
+    ns = f"cut-{os.getpid()}-{os.urandom(3).hex()}"
+
+    async def main() -> None:
+        kvs = FluxKVS(flux_instance.uris[0])
+        await kvs.ensure_namespace(ns)
+        try:
+            await kvs.commit(ns, {"files/d/a": b"1", "files/d/b": b"2"})
+            ldir = fluxkvs._log_dir("d")
+            await kvs._run(kvs._commit, ns, [("absent", f"{ldir}.g1"),
+                                             ("mkdir", f"{ldir}.g1")])  # C1, and no C2
+            assert await kvs.children(ns, "d") == {"a": b"1", "b": b"2"}
+            await kvs.commit(ns, {"files/d/a": None, "files/d/c": b"3"})  # to g1, after a retry
+            assert await kvs.children(ns, "d") == {"b": b"2", "c": b"3"}
+            assert kvs._gen_of(ns, "d").k == 1
+            await kvs._run(kvs._compact, ns, "d")  # finishes g0 -> g1
+            live, every = fluxkvs._gens(await kvs._run(
+                lambda: kvs._take_treeobj(kvs._send(ns, ldir, fluxkvs._READDIR))))
+            assert list(live) == [1] and every == {0, 1}
+            assert await kvs.children(ns, "d") == {"b": b"2", "c": b"3"}
+            await kvs._run(kvs._compact, ns, "d")  # a whole compaction: g1 -> g2
+            assert await kvs.children(ns, "d") == {"b": b"2", "c": b"3"}
+            stale = FluxKVS(flux_instance.uris[1])  # believes g0 is the newest
+            await stale.commit(ns, {"files/d/e": b"5"})
+            assert await kvs.children(ns, "d") == {"b": b"2", "c": b"3", "e": b"5"}
+        finally:
+            await kvs.remove_namespace(ns)
+
+    trio.run(main)
+
+
+def test_flux_listing_survives_a_namespace_made_again(flux_instance: FluxInstance) -> None:
+    """A mount that knew a namespace before it was removed and made again believes in a
+    generation the new namespace never had: what it publishes is listed all the same, and the
+    next compaction brings every writer back to one generation."""
+    import trio
+
+    import dyadfs.kvs.flux as fluxkvs
+    from dyadfs.kvs.flux import FluxKVS
+
+    ns = f"again-{os.getpid()}-{os.urandom(3).hex()}"
+
+    async def main() -> None:
+        old, fresh = FluxKVS(flux_instance.uris[0]), FluxKVS(flux_instance.uris[0])
+        await old.ensure_namespace(ns)
+        try:
+            for i in range(2):
+                await old.commit(ns, {f"files/d/{i}": b"v"})
+                await old._run(old._compact, ns, "d")
+            assert old._gen_of(ns, "d").k == 2
+            # the namespace made again, as far as d goes (removing a Flux namespace and making
+            # it again under the same name takes the broker a while)
+            await fresh._run(fresh._commit, ns, [("unlink", fluxkvs._log_dir("d")),
+                                                 ("unlink", fluxkvs._node("d")),
+                                                 ("unlink", fluxkvs.flux_key("files/d/0")),
+                                                 ("unlink", fluxkvs.flux_key("files/d/1"))])
+            await fresh.commit(ns, {"files/d/x": b"1"})  # g0 of the new namespace
+            await old.commit(ns, {"files/d/y": b"2"})  # g2, the generation it believes in
+            assert await fresh.children(ns, "d") == {"x": b"1", "y": b"2"}
+            await fresh._run(fresh._compact, ns, "d")
+            assert await fresh.children(ns, "d") == {"x": b"1", "y": b"2"}
+            await fresh.commit(ns, {"files/d/x": b"3"})  # learns the generation, after a retry
+            await old.commit(ns, {"files/d/z": b"4"})
+            assert await old.children(ns, "d") == {"x": b"3", "y": b"2", "z": b"4"}
+            assert fresh._gen_of(ns, "d").k == old._gen_of(ns, "d").k == 2
+        finally:
+            await fresh.remove_namespace(ns)
+
+    trio.run(main)

@@ -1,3 +1,7 @@
+import errno
+import json
+import re
+
 import pytest
 
 from dyadfs.errors import KVSError
@@ -34,14 +38,59 @@ def test_dyad_key_long_path_is_not_padded() -> None:
 def test_file_record_round_trip() -> None:
     rec = FileRecord("complete", 5757, 7, 123, 0o644, "node-1", None)
     assert FileRecord.decode(rec.encode(), "k") == rec
+    assert json.loads(rec.encode())["schema"] == 2 and rec.kind == "file"
 
 
-@pytest.mark.parametrize("raw", [b"not json", b"[1]", b'{"schema": 99, "state": "complete"}',
-                                 b'{"schema": 1, "state": "complete"}',
-                                 b'{"schema": 1, "state": "odd", "size": 1, "version": 1, '
-                                 b'"mtime_ns": 1, "mode": 1, "owner": "x"}'])
-def test_malformed_records_are_clear_errors(raw: bytes) -> None:
-    with pytest.raises(KVSError, match="at 'files/x'"):
+@pytest.mark.parametrize("rec", [
+    FileRecord("complete", 0, 1, 5, 0o755, "m", kind="dir"),
+    FileRecord("complete", 3, 1, 5, 0o777, "m", kind="symlink", target="a/b"),
+    FileRecord("complete", 6, 1, -5, 0o777, "m", kind="symlink",  # any bytes in a target
+               target=b"\xff/x\n".decode("utf-8", "surrogateescape")),
+])
+def test_directory_and_symlink_records_round_trip(rec: FileRecord) -> None:
+    assert FileRecord.decode(rec.encode(), "k") == rec
+
+
+def test_schema_1_record_reads_as_a_file() -> None:
+    raw = (b'{"schema":1,"state":"complete","size":5,"version":7,"mtime_ns":1,"mode":420,'
+           b'"owner":"m","sha256":null}')
+    rec = FileRecord.decode(raw, "files/x")
+    assert rec == FileRecord("complete", 5, 7, 1, 0o644, "m") and rec.kind == "file"
+
+
+MISSING = object()
+GOOD = {"schema": 2, "kind": "file", "state": "complete", "size": 1, "version": 1,
+        "mtime_ns": 1, "mode": 420, "owner": "m", "sha256": None, "target": None}
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"size": -1}, "field 'size' is -1 (expected an integer >= 0)"),
+    ({"size": "12"}, "field 'size' is '12' (expected an integer >= 0)"),
+    ({"state": "odd"}, "field 'state' is 'odd'"),
+    ({"version": MISSING}, "field 'version' is missing"),
+    ({"version": 1.5}, "field 'version' is 1.5 (expected an integer)"),
+    ({"mode": 0o170000}, "field 'mode' is 61440"),
+    ({"owner": 3}, "field 'owner' is 3"),
+    ({"kind": "fifo"}, "field 'kind' is 'fifo'"),
+    ({"kind": "symlink"}, "field 'target' is None (expected the link's target)"),
+    ({"kind": "dir", "state": "writing"}, "field 'state' is 'writing' for a dir"),
+    ({"schema": 3}, "field 'schema' 3; this dyadfs reads schema 1 or 2"),
+])
+def test_malformed_record_names_the_field_and_value(change: dict[str, object],
+                                                    message: str) -> None:
+    data = {k: v for k, v in {**GOOD, **change}.items() if v is not MISSING}
+    with pytest.raises(KVSError, match=re.escape(message)) as err:
+        FileRecord.decode(json.dumps(data).encode(), "files/x")
+    assert "'files/x'" in str(err.value) and err.value.errno == errno.EIO
+
+
+@pytest.mark.parametrize("raw,message", [
+    (b"not json", "not JSON: b'not json'"),
+    (b"[1]", "not a JSON object: [1]"),
+    (b"\xff\xfe", "not JSON"),
+])
+def test_malformed_values_are_clear_errors(raw: bytes, message: str) -> None:
+    with pytest.raises(KVSError, match=re.escape(message)):
         FileRecord.decode(raw, "files/x")
 
 

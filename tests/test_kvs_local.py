@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -37,7 +38,8 @@ def test_commit_get_list_remove(tmp_path: Path) -> None:
         assert await kvs.get("a", "files/x") == b"1"
         assert await kvs.get("b", "files/x") is None  # namespaces are separate
         assert await kvs.list_prefix("a", "files/d/") == {"files/d/y": b"2", "files/d/z": b"3"}
-        assert await kvs.list_dir("a", "files/") == {"x", "d"}
+        assert await kvs.children("a", "") == {"x": b"1", "d": None}
+        assert await kvs.children("a", "d") == {"y": b"2", "z": b"3"}
         await kvs.commit("a", {"files/x": None, "files/d/y": b"22"})
         assert await kvs.get("a", "files/x") is None
         assert await kvs.get("a", "files/d/y") == b"22"
@@ -149,11 +151,101 @@ def test_an_idle_waiter_costs_no_cpu(tmp_path: Path) -> None:
     assert cpu < 0.02, f"an idle waiter used {cpu:.3f} s of CPU in 2 s"
 
 
-def test_malformed_database_is_a_clear_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize("garbage", [b"this is not a database" * 100,
+                                     b"SQLite format 3\x00" + b"\xff" * 4000],
+                         ids=["not-sqlite", "bad-header"])
+def test_damaged_database_says_what_to_do(tmp_path: Path, garbage: bytes) -> None:
     bad = tmp_path / "kvs.sqlite"
-    bad.write_bytes(b"this is not a database" * 100)
-    with pytest.raises(KVSError, match="cannot open the embedded KVS"):
+    bad.write_bytes(garbage)
+    with pytest.raises(KVSError) as err:
         LocalKVS(bad)
+    message = str(err.value)
+    assert "\n" not in message and f"embedded KVS at {bad}" in message
+    assert f"mv {bad} {bad}.broken" in message and "--kvs local:PATH" in message
+
+
+def test_files_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    """The database holds the namespace's secret: 0600 (and so are its WAL and notify files),
+    in directories made 0700."""
+    import stat
+    path = tmp_path / "a" / "b" / "kvs.sqlite"
+    files = (path, path.with_name("kvs.sqlite.notify"), path.with_name("kvs.sqlite-wal"),
+             path.with_name("kvs.sqlite-shm"))
+    modes: dict[Path, int] = {}
+    old = os.umask(0)
+    try:
+        async def body(kvs: LocalKVS) -> None:
+            assert await kvs.put_if_absent("a", "meta/secret", b"s") == b"s"
+            modes.update((p, stat.S_IMODE(p.stat().st_mode)) for p in files)
+        run_with(path, body)
+    finally:
+        os.umask(old)
+    assert modes == {p: 0o600 for p in files}
+    for d in (tmp_path / "a", tmp_path / "a" / "b"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+
+
+def test_point_reads_never_wait_on_the_trio_thread(tmp_path: Path) -> None:
+    """The trio thread's read-only connection has no busy wait (a busy database would stall
+    every FUSE request for its length): a busy read goes to the worker thread at once."""
+    import sqlite3
+    path = tmp_path / "kvs.sqlite"
+
+    class Busy:
+        def execute(self, *args: object) -> None:
+            raise sqlite3.OperationalError("database is locked")
+
+    async def body(kvs: LocalKVS) -> None:
+        assert kvs._reader.execute("PRAGMA busy_timeout").fetchone() == (0,)
+        await kvs.commit("a", {"files/x": b"1"})
+        reader, kvs._reader = kvs._reader, Busy()  # type: ignore[assignment]
+        try:
+            assert await kvs.get("a", "files/x") == b"1"
+            assert await kvs.is_dir("a", "") and not await kvs.is_dir("a", "x")
+        finally:
+            kvs._reader = reader
+    run_with(path, body)
+
+
+def test_put_if_absent_is_atomic_across_processes(tmp_path: Path) -> None:
+    """Mounts started together: every caller, in every process, gets the one stored value."""
+    db = tmp_path / "kvs.sqlite"
+    script = textwrap.dedent(f"""
+        import os, sys, trio
+        from dyadfs.kvs.local import LocalKVS
+        async def main():
+            kvs = LocalKVS({str(db)!r})
+            print("ready", flush=True)
+            sys.stdin.readline()  # the barrier: every process is ready
+            out = []
+            async def one(i):
+                mine = os.urandom(8).hex().encode()
+                out.append(await kvs.put_if_absent("a", "meta/secret", mine))
+            async with trio.open_nursery() as n:
+                for i in range(8):
+                    n.start_soon(one, i)
+            await kvs.aclose()
+            print(" ".join(v.decode() for v in out), flush=True)
+        trio.run(main)
+    """)
+    LocalKVS(db)  # created once: the processes race on the key, not on making the file
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    try:
+        for p in procs:
+            assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        values = set()
+        for p in procs:
+            out, _ = p.communicate(timeout=60)
+            values.update(out.split())
+    finally:
+        for p in procs:
+            p.kill()
+    assert len(values) == 1
 
 
 def test_change_feed_in_commit_order_per_namespace(tmp_path: Path) -> None:
@@ -193,27 +285,89 @@ def test_change_feed_cut_behind_a_follower_asks_for_a_rescan(
     run_with(tmp_path / "kvs.sqlite", body)
 
 
-def test_schema_1_database_is_upgraded(tmp_path: Path) -> None:
+def _old_database(path: Path, schema: int, files: list[str]) -> None:
+    """A database as dyadfs of database schema 1 or 2 left it."""
     import sqlite3
-    path = tmp_path / "kvs.sqlite"
     db = sqlite3.connect(path)
     db.executescript("""
         CREATE TABLE meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
         CREATE TABLE namespaces (ns TEXT PRIMARY KEY, created REAL NOT NULL);
         CREATE TABLE kv (ns TEXT NOT NULL, key BLOB NOT NULL, value BLOB NOT NULL,
                          PRIMARY KEY (ns, key)) WITHOUT ROWID;
-        INSERT INTO meta VALUES ('schema', '1');
-        INSERT INTO kv VALUES ('a', CAST('files/old' AS BLOB), CAST('v' AS BLOB));
     """)
+    if schema == 2:
+        db.executescript("""
+            CREATE TABLE feed (seq INTEGER PRIMARY KEY AUTOINCREMENT, ns TEXT NOT NULL,
+                               key BLOB NOT NULL);
+            INSERT INTO meta VALUES ('feed_pruned', '0');
+        """)
+    db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(schema),))
+    for key in files:
+        db.execute("INSERT INTO kv VALUES ('a', ?, CAST('v' AS BLOB))", (key.encode(),))
+    db.execute("INSERT INTO kv VALUES ('a', CAST('mounts/m' AS BLOB), CAST('{}' AS BLOB))")
+    db.commit()
     db.close()
+
+
+@pytest.mark.parametrize("schema", [1, 2])
+def test_older_database_is_upgraded_in_place(tmp_path: Path, schema: int) -> None:
+    import sqlite3
+    path = tmp_path / "kvs.sqlite"
+    _old_database(path, schema, ["files/old", "files/d/x", "files/d/e/y", "files/d/e/z"])
 
     async def body(kvs: LocalKVS) -> None:
         assert await kvs.get("a", "files/old") == b"v"  # kept
+        assert await kvs.children("a", "") == {"old": b"v", "d": None}  # and indexed
+        assert await kvs.children("a", "d") == {"x": b"v", "e": None}
+        assert await kvs.children("a", "d/e") == {"y": b"v", "z": b"v"}
+        assert await kvs.is_dir("a", "d/e") and not await kvs.is_dir("a", "old")
         await kvs.commit("a", {"files/new": b"w"})
         assert kvs._feed_after("a", 0)[1] == ["files/new"]
+        assert "new" in await kvs.children("a", "")
     run_with(path, body)
     assert sqlite3.connect(path).execute("SELECT v FROM meta WHERE k='schema'").fetchone() \
-        == ("2",)
+        == ("3",)
+
+
+def test_newer_database_is_refused_with_advice(tmp_path: Path) -> None:
+    import sqlite3
+    path = tmp_path / "kvs.sqlite"
+    _old_database(path, 2, [])
+    db = sqlite3.connect(path)
+    db.execute("UPDATE meta SET v='9' WHERE k='schema'")
+    db.commit()
+    db.close()
+    with pytest.raises(KVSError, match="has schema 9, written by a newer dyadfs.*move it aside"):
+        LocalKVS(path)
+
+
+def test_directory_index(tmp_path: Path) -> None:
+    """Entries, implicit directories, removal (an emptied directory stays) and drop."""
+    odd = b"\xff odd".decode("utf-8", "surrogateescape")
+
+    async def body(kvs: LocalKVS) -> None:
+        await kvs.commit("a", {"files/d/x": b"1", "files/d/s/t/u": b"2", f"files/{odd}/y": b"3",
+                               "mounts/m": b"{}", "meta/secret": b"s"})
+        assert await kvs.children("a", "") == {"d": None, odd: None}  # no mounts/, no meta/
+        assert await kvs.children("a", odd) == {"y": b"3"}
+        assert await kvs.children("a", "d") == {"x": b"1", "s": None}
+        assert await kvs.is_dir("a", "d/s/t") and await kvs.is_dir("a", "")
+        assert not await kvs.is_dir("a", "d/x") and not await kvs.is_dir("a", "nope")
+        await kvs.commit("a", {"files/d/s/t/u": None})
+        assert await kvs.children("a", "d/s/t") == {} and await kvs.is_dir("a", "d/s/t")
+        await kvs.commit("a", {"files/d/s": b"dir record"})  # a directory with a record
+        assert await kvs.children("a", "d") == {"x": b"1", "s": b"dir record"}
+        await kvs.commit("a", {}, drop=["d/s"])  # its record stays; what was below goes
+        assert await kvs.children("a", "d") == {"x": b"1", "s": b"dir record"}
+        assert not await kvs.is_dir("a", "d/s") and not await kvs.is_dir("a", "d/s/t")
+        await kvs.commit("a", {"files/d/s": None, "files/d/x": None}, drop=["d"])
+        assert await kvs.children("a", "") == {odd: None}
+        await kvs.commit("a", {"files/d/n": b"4"}, drop=["d"])  # dropped, then published again
+        assert await kvs.children("a", "d") == {"n": b"4"}
+        assert await kvs.children("b", "") == {}  # namespaces are separate
+        await kvs.remove_namespace("a")
+        assert await kvs.children("a", "") == {}
+    run_with(tmp_path / "kvs.sqlite", body)
 
 
 def test_commit_waits_for_another_writer(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import abc
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import trio
@@ -53,8 +53,16 @@ class KVS(abc.ABC):
         """The value of *key*, or None."""
 
     @abc.abstractmethod
-    async def commit(self, ns: str, puts: Mapping[str, bytes | None]) -> None:
-        """Set (or, for None, remove) all of *puts* in one atomic transaction."""
+    async def commit(self, ns: str, puts: Mapping[str, bytes | None],
+                     drop: Sequence[str] = ()) -> None:
+        """Set (or, for None, remove) all of *puts* in one atomic transaction.
+
+        The directory index (:mod:`dyadfs.keys`) follows the ``files/`` keys of *puts* in the
+        same transaction. *drop* names directories (paths, not keys) to take out of the index
+        first: each one's entry in its parent, unless it has a record, and everything indexed
+        below it (the producer removed or renamed the directory). Records are not touched by
+        *drop*: the caller removes them in *puts*.
+        """
 
     @abc.abstractmethod
     async def put_if_absent(self, ns: str, key: str, value: bytes) -> bytes:
@@ -63,6 +71,17 @@ class KVS(abc.ABC):
     @abc.abstractmethod
     async def list_prefix(self, ns: str, prefix: str) -> dict[str, bytes]:
         """Every key starting with *prefix*, with its value."""
+
+    @abc.abstractmethod
+    async def children(self, ns: str, path: str) -> dict[str, bytes | None]:
+        """The entries of directory *path* (``""``: the top) in the index: each name with the
+        value of its ``files/`` record, or None for an implicit directory. The cost depends
+        on the entries of *path*, not on what else the namespace holds."""
+
+    @abc.abstractmethod
+    async def is_dir(self, ns: str, path: str) -> bool:
+        """Whether *path* is a directory in the index (something was published below it, and
+        it was not dropped since): one point read."""
 
     @abc.abstractmethod
     async def wait_until(self, ns: str, key: str, pred: Predicate,
@@ -85,14 +104,6 @@ class KVS(abc.ABC):
         value = await self.wait_until(ns, key, exists, timeout)
         assert value is not None
         return value
-
-    async def list_dir(self, ns: str, prefix: str) -> set[str]:
-        """Names directly below *prefix* (which ends with ``/`` or is empty)."""
-        names = set()
-        for key in await self.list_prefix(ns, prefix):
-            names.add(key[len(prefix):].split("/", 1)[0])
-        names.discard("")
-        return names
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Background work (change notification); started in the mount's nursery."""
