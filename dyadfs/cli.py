@@ -64,6 +64,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="a stat of an unpublished name matching one of these globs (relative "
                    "to DIR; * within a name, ** across directories; e.g. '*.h5,group*/**') "
                    "waits like an open; alone: every name")
+    m.add_argument("--no-wait", metavar="PATTERN[,PATTERN...]",
+                   help="names matching these globs never wait: an open or stat of one that "
+                   "is not published answers ENOENT at once (files programs probe for, e.g. "
+                   "'**/.git/**,*.lock')")
     m.add_argument("--fetch-timeout", metavar="SECONDS",
                    help="give up a pull from an unreachable owner after this long (default 10)")
     m.add_argument("--kvs", metavar="local|local:PATH|flux",
@@ -110,9 +114,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 _MOUNT_OPTIONS = ("role", "namespace", "shared_storage", "backing", "cache_size", "prefetch",
-                  "wait_timeout", "wait_on_stat", "fetch_timeout", "kvs", "transport", "listen",
-                  "verify", "ucx_threshold", "async_publish", "foreground", "log",
-                  "debug")
+                  "wait_timeout", "wait_on_stat", "no_wait", "fetch_timeout", "kvs",
+                  "transport", "listen", "verify", "ucx_threshold", "async_publish",
+                  "foreground", "log", "debug")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

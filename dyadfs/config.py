@@ -46,6 +46,7 @@ class Config:
     prefetch: bool = False
     wait_timeout: float | None = None
     wait_on_stat: tuple[str, ...] = ()  # globs of names whose stat waits (** : all)
+    no_wait: tuple[str, ...] = ()  # globs of names that never wait (probed optional files)
     fetch_timeout: float = 10.0
     kvs: str = "local"
     transport: str = "ucx"
@@ -86,6 +87,7 @@ _FIELDS: dict[str, tuple[str, str | None, str]] = {
     "prefetch": ("DYADFS_PREFETCH", None, "bool"),
     "wait_timeout": ("DYADFS_WAIT_TIMEOUT", None, "seconds"),
     "wait_on_stat": ("DYADFS_WAIT_ON_STAT", None, "patterns"),
+    "no_wait": ("DYADFS_NO_WAIT", None, "patterns"),
     "fetch_timeout": ("DYADFS_FETCH_TIMEOUT", None, "seconds"),
     "kvs": ("DYADFS_KVS", None, "kvs"),
     "transport": ("DYADFS_TRANSPORT", "DYAD_DTL_MODE", "transport"),

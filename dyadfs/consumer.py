@@ -24,7 +24,7 @@ from pyfuse3 import FUSEError
 from . import intent
 from .errors import DyadfsError, FetchError, WaitTimeout
 from .keys import FileRecord
-from .paths import show
+from .paths import parent_of, show
 from .patterns import matcher
 
 if TYPE_CHECKING:
@@ -56,6 +56,7 @@ class Consumer:
         self.active = config.waits and catalog is not None
         self._warned_intent = False
         self._stat_waits = matcher(config.wait_on_stat)
+        self._never_waits = matcher(config.no_wait)
 
     # -- lookups -----------------------------------------------------------------------------
     async def missing(self, name: bytes, rel: bytes, pid: int) -> Missing:
@@ -66,9 +67,13 @@ class Consumer:
         assert self.catalog is not None
         rec = await self.catalog.get(rel)
         if rec is not None and rec.complete:
-            return "file", rec
+            if rec.kind != "file" and self._make_here(rel, rec):
+                return "waited", None  # made: look in the backing again
+            return rec.kind, rec
         if await self.catalog.is_directory(rel):
             return "dir", None
+        if self._never_waits(rel):
+            raise FUSEError(errno.ENOENT)
         call = intent.caller(pid)
         if call.intent is intent.Intent.UNKNOWN and not self._warned_intent:
             self._warned_intent = True
@@ -101,6 +106,28 @@ class Consumer:
         rec = await self.catalog.get(rel)
         return rec is not None and rec.complete and rec.version != version and \
             rec.owner != self.catalog.mount_id
+
+    def _make_here(self, rel: bytes, rec: FileRecord) -> bool:
+        """A published directory or symlink is made here at its first lookup (node-local
+        storage): nothing to pull, and the local tree is then whole (git, cp -r, rsync)."""
+        if self.cfg.shared_storage or (rec.kind == "symlink" and rec.target is None):
+            return False
+        parent = parent_of(rel)
+        try:
+            if parent != b".":
+                self.backing.makedirs(parent)
+            if rec.kind == "dir":
+                self.backing.mkdir(rel, rec.mode & 0o7777 or 0o755)
+            else:
+                assert rec.target is not None
+                self.backing.symlink(os.fsencode(rec.target), rel)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            log.warning("cannot make the published %s %s here: %s", rec.kind, show(rel),
+                        e.strerror or e)
+            return False
+        return True
 
     async def record(self, rel: bytes) -> FileRecord | None:
         """The published record of *rel* (the attributes of a provisional file)."""

@@ -240,7 +240,17 @@ class Operations(pyfuse3.Operations):
 
     # -- names ---------------------------------------------------------------------------
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        return self.backing.readlink(self.nodes.rel(self.nodes.get(inode)))
+        node = self.nodes.get(inode)
+        rel = self.nodes.rel(node)
+        try:
+            return self.backing.readlink(rel)
+        except FileNotFoundError:
+            if node.provisional != "symlink":
+                raise
+        rec = await self.consumer.record(rel)  # listed, published, not made here yet
+        if rec is None or rec.target is None:
+            raise FUSEError(errno.ENOENT)
+        return os.fsencode(rec.target)
 
     def _chown(self, rel: bytes, ctx: pyfuse3.RequestContext) -> None:
         if self._am_root:
@@ -266,7 +276,9 @@ class Operations(pyfuse3.Operations):
         rel = self.nodes.path_of(parent, name)
         self.backing.mkdir(rel, mode)
         self._chown(rel, ctx)
-        return self._new_entry(parent, name)
+        entry = self._new_entry(parent, name)
+        await self.producer.dir_made(rel, self.backing.lstat(rel))
+        return entry
 
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -274,7 +286,9 @@ class Operations(pyfuse3.Operations):
         rel = self.nodes.path_of(parent, name)
         self.backing.symlink(target, rel)
         self._chown(rel, ctx)
-        return self._new_entry(parent, name)
+        entry = self._new_entry(parent, name)
+        await self.producer.symlink_made(rel, target, self.backing.lstat(rel))
+        return entry
 
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -284,7 +298,9 @@ class Operations(pyfuse3.Operations):
         new = self.nodes.path_of(parent, new_name)
         self.backing.link(old, new)
         entry = self._new_entry(parent, new_name)  # the same node: one inode, every name
-        await self.producer.linked(old, new, self.backing.lstat(new))
+        st = self.backing.lstat(new)
+        target = self.backing.readlink(new) if stat_mod.S_ISLNK(st.st_mode) else None
+        await self.producer.linked(old, new, st, target)
         return entry
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -297,8 +313,10 @@ class Operations(pyfuse3.Operations):
 
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self.nodes.get(parent_inode)
-        self.backing.rmdir(self.nodes.path_of(parent, name))
+        rel = self.nodes.path_of(parent, name)
+        self.backing.rmdir(rel)
         self.nodes.drop_name(parent.ino, name)
+        await self.producer.dir_removed(rel)
 
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
@@ -468,7 +486,7 @@ class Operations(pyfuse3.Operations):
                 entries[name] = (self.kernel.entry(child, st), child)
         for name, rec in (await self.consumer.published_children(rel)).items():
             if name not in entries:
-                kind = "file" if rec is not None else "dir"
+                kind = "dir" if rec is None else rec.kind
                 child = self.nodes.absent(node, name, kind)
                 entries[name] = (self.kernel.synthetic(child, kind, rec), child)
         return self.nodes.open_dir(node, [(n, a, c) for n, (a, c) in sorted(entries.items())])

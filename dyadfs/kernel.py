@@ -85,9 +85,15 @@ class KernelCache:
         root = self._owner
         e.st_uid, e.st_gid = root.st_uid, root.st_gid
         if kind == "dir":
-            e.st_mode = stat_mod.S_IFDIR | 0o755
+            e.st_mode = stat_mod.S_IFDIR | (rec.mode if rec else 0o755)
             e.st_nlink = 2
-            e.st_mtime_ns = e.st_ctime_ns = e.st_atime_ns = root.st_mtime_ns
+            t = rec.mtime_ns if rec else root.st_mtime_ns
+            e.st_mtime_ns = e.st_ctime_ns = e.st_atime_ns = t
+        elif kind == "symlink" and rec is not None:
+            e.st_mode = stat_mod.S_IFLNK | 0o777
+            e.st_nlink = 1
+            e.st_size = rec.size
+            e.st_mtime_ns = e.st_ctime_ns = e.st_atime_ns = rec.mtime_ns
         else:
             e.st_mode = stat_mod.S_IFREG | (rec.mode if rec else 0o644)
             e.st_nlink = 1

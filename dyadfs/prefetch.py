@@ -96,7 +96,11 @@ class Prefetcher:
         limit = self.cfg.cache_size
         while self._pending:
             rel = next(iter(self._pending))
-            rec = await self.catalog.get(rel)
+            try:
+                rec = await self.catalog.get(rel)
+            except DyadfsError:  # malformed: logged by the catalog; an open says EIO
+                self._pending.pop(rel, None)
+                continue
             if rec is None or not self._wanted(rel, rec) or \
                     (limit is not None and rec.size > limit):
                 self._pending.pop(rel, None)
@@ -107,7 +111,7 @@ class Prefetcher:
             await send.send((rel, rec))  # waits for a free worker
 
     def _wanted(self, rel: bytes, rec: FileRecord) -> bool:
-        if not rec.complete or rec.owner == self.catalog.mount_id:
+        if not rec.complete or rec.kind != "file" or rec.owner == self.catalog.mount_id:
             return False
         if self.puller.cache.local_version(rel) == rec.version:
             return False

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -260,17 +261,50 @@ class Producer:
 
     # -- other changes ---------------------------------------------------------------------
     async def attributes_changed(self, rel: bytes, st: os.stat_result) -> None:
-        """A chmod or touch of a published file: its published attributes follow."""
-        if self.active and await self._ours(rel):
-            assert self.catalog is not None
+        """A chmod or touch of a published file or directory: its published attributes
+        follow."""
+        if not self.active:
+            return
+        assert self.catalog is not None
+        rec = await self.catalog.get(rel)
+        if rec is None or rec.owner != self.catalog.mount_id or not rec.complete:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            await self.catalog.publish_dir(rel, st)
+        elif stat.S_ISREG(st.st_mode):
             await self.catalog.publish(rel, st)
 
-    async def linked(self, old: bytes, new: bytes, st: os.stat_result) -> None:
-        """A hard link to a published file is published under its new name too."""
+    async def linked(self, old: bytes, new: bytes, st: os.stat_result,
+                     target: bytes | None = None) -> None:
+        """A hard link to a published file (or symlink, *target*) is published under its new
+        name too."""
         if self.active and await self._ours(old):
             assert self.catalog is not None
-            await self.catalog.publish(new, st)
+            if target is not None:
+                await self.catalog.publish_symlink(new, target, st)
+            else:
+                await self.catalog.publish(new, st)
             self.stats.published += 1
+
+    async def dir_made(self, rel: bytes, st: os.stat_result) -> None:
+        """A directory made here is published, so that it reaches node-local consumers even
+        when it stays empty (git's refs/, an output tree made before its files)."""
+        if self.active and not self.cfg.shared_storage:
+            assert self.catalog is not None
+            await self.catalog.publish_dir(rel, st)
+
+    async def symlink_made(self, rel: bytes, target: bytes, st: os.stat_result) -> None:
+        """A symbolic link made here is published with its target (cp -r, rsync -a, tar -x
+        trees keep their links on the consumers)."""
+        if self.active and not self.cfg.shared_storage:
+            assert self.catalog is not None
+            await self.catalog.publish_symlink(rel, target, st)
+
+    async def dir_removed(self, rel: bytes) -> None:
+        """rmdir: the directory leaves the KVS (its record, or its place in the index)."""
+        if self.active and not self.cfg.shared_storage:
+            assert self.catalog is not None
+            await self.catalog.remove(rel)
 
     async def unlinked(self, rel: bytes) -> None:
         self._marks.pop(rel, None)

@@ -51,7 +51,8 @@ class FileServer:
             rec = await self.catalog.get(req.path)
         except DyadfsError as e:
             return refuse(errno.EIO, str(e), req)
-        if rec is None or not rec.complete or rec.owner != self.catalog.mount_id:
+        if rec is None or not rec.complete or rec.kind != "file" or \
+                rec.owner != self.catalog.mount_id:
             return refuse(errno.ENOENT, "not published by this mount", req)
         if rec.version != req.version:
             return refuse(errno.ESTALE, f"version {req.version} is not the published one "

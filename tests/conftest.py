@@ -184,7 +184,7 @@ def mounts(tmp_path: Path, state_env: dict[str, str], kvs_backend: str,
     if kvs_backend == "flux":
         flux = request.getfixturevalue("flux_instance")
     m = Mounts(Path(state_env["DYADFS_STATE_DIR"]), state_env, flux)
-    m.state.mkdir(parents=True, exist_ok=True)
+    m.state.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         yield m
     finally:

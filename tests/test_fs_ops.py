@@ -96,10 +96,10 @@ def test_consumer_lookups(tmp_path: Path, caplog) -> None:  # type: ignore[no-un
         await kvs.commit(ops.catalog.ns, {"files/bad": b"{not json"})
         with pytest.raises(pyfuse3.FUSEError) as e:
             await ops.lookup(pyfuse3.ROOT_INODE, b"bad", CTX)
-        assert e.value.errno == errno.ENOENT
+        assert e.value.errno == errno.EIO  # a malformed record is an error, not "unpublished"
         assert ops.stats.unexpected == 0
     with_ops(tmp_path, "consumer", body)
-    assert "malformed value at 'files/bad'" in caplog.text
+    assert "malformed file record at 'files/bad'" in caplog.text
 
 
 def test_open_of_unpublished_name_times_out(tmp_path: Path) -> None:

@@ -111,15 +111,21 @@ def test_without_ucxx_the_default_transport_is_tcp(tmp_path: Path, mounts: Mount
     """A plain `pip install dyadfs` has no UCXX: a mount without --transport still works."""
     mp = tmp_path / "m"
     mp.mkdir()
+    log = tmp_path / "m.log"
     code = (f"import sys, runpy; sys.modules['ucxx'] = None; sys.argv = ['dyadfs', 'mount', "
-            f"{str(mp)!r}, '--namespace', {NS!r}]; runpy.run_module('dyadfs', "
-            "run_name='__main__')")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       env=mounts.env, timeout=90)
+            f"{str(mp)!r}, '--namespace', {NS!r}, '--foreground', '--log', {str(log)!r}]; "
+            "runpy.run_module('dyadfs', run_name='__main__')")
+    daemon = subprocess.Popen([sys.executable, "-c", code], env=mounts.env,
+                              stderr=subprocess.PIPE)
     mounts.mounted.append(mp)
-    assert r.returncode == 0, r.stderr
-    assert mounts.status(mp)["transport"] == "tcp"
-    log = next(p for p in (mounts.state / "logs").glob("*.log"))
-    assert "UCXX is not installed" in log.read_text()
-    run(f"echo ok > {mp}/f")
-    assert (mp / "f").read_text() == "ok\n"
+    try:
+        wait_for(lambda: os.path.ismount(mp) or daemon.poll() is not None, 60, "the mount")
+        assert daemon.poll() is None, daemon.stderr.read() if daemon.stderr else ""
+        wait_for(lambda: "UCXX is not installed" in log.read_text(), 30, "the log line")
+        assert mounts.status(mp)["transport"] == "tcp"
+        run(f"echo ok > {mp}/f")
+        assert (mp / "f").read_text() == "ok\n"
+    finally:
+        mounts.close()
+        daemon.kill()
+        daemon.wait()

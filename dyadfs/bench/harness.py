@@ -41,7 +41,7 @@ class Mounts:
               prefix: list[str] | None = None) -> Path:
         """Mount *path* with *opts*; returns once it is mounted (or raises with its log)."""
         path.mkdir(parents=True, exist_ok=True)
-        self.state.mkdir(parents=True, exist_ok=True)
+        self.state.mkdir(mode=0o700, parents=True, exist_ok=True)
         log = self.state / f"log-{len(self.mounted)}-{path.name}.txt"
         args, env = self.options(path, opts) if env is None else (list(opts), env)
         cmd = [*(prefix or []), sys.executable, "-m", "dyadfs", "mount", str(path),
