@@ -31,7 +31,7 @@ import trio
 import trio.testing
 
 from dyadfs.errors import ConfigError, FetchError
-from dyadfs.transport import Transport
+from dyadfs.transport import Transport, default_host
 from dyadfs.transport.protocol import (
     CHUNK,
     Request,
@@ -498,7 +498,8 @@ def child_full_disk(name: str, root: str, small: str) -> dict[str, Any]:
     return dict(in_child(name, root, body))
 
 
-@pytest.mark.parametrize("name", ["tcp"])
+@pytest.mark.parametrize("name", [
+    "tcp", pytest.param("ucx", marks=needs_ucx)])
 def test_full_disk_ends_the_fetch_with_enospc(files_dir: Path, small_disk: Path,
                                               name: str) -> None:
     result = run_child("child_full_disk", name, str(files_dir), str(small_disk))
@@ -506,3 +507,330 @@ def test_full_disk_ends_the_fetch_with_enospc(files_dir: Path, small_disk: Path,
     assert result["seconds"] < 10, result
     assert result["fallocate"] == errno.ENOSPC
     assert result["mapped"] and result["after"], result
+
+
+# -- UCX: 4. truncation, 6. changed(), 7. hashing off the UCX loop, 2. --listen --------------
+def child_ucx_truncate(root: str) -> dict[str, Any]:
+    async def body(t: Transport, files: Files) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        events = 0
+
+        def truncate(*_: int) -> None:
+            nonlocal events
+            events += 1
+            if events == 2:  # while the file is sent: a producer rewriting it with O_TRUNC
+                os.truncate(files.root / "huge", 0)
+
+        # The second of the server's checks or the client's progress reports, whichever
+        # comes first (code without the changed() hook has only the second).
+        files.changed = lambda: truncate() or None
+        try:
+            await fetch(t, t.address, "huge", files.root.parent / "out", progress=truncate)
+            result["error"] = None
+        except FetchError as e:
+            result["error"] = str(e)
+        files.changed = unchanged
+        result["after"] = await fetch(t, t.address, "two", files.root.parent / "out") == \
+            (files.root / "two").read_bytes()
+        return result
+    return dict(in_child("ucx", root, body))
+
+
+@needs_ucx
+def test_ucx_file_truncated_while_sent_aborts_that_transfer_only(files_dir: Path) -> None:
+    result = run_child("child_ucx_truncate", str(files_dir))
+    assert result["error"] and result["after"], result
+
+
+def child_ucx_changed(root: str) -> dict[str, Any]:
+    async def body(t: Transport, files: Files) -> dict[str, Any]:
+        return await _changed_cases(t, files, files.root.parent / "out")
+    return dict(in_child("ucx", root, body))
+
+
+@needs_ucx
+def test_ucx_changed_hook_aborts_the_transfer(files_dir: Path) -> None:
+    _check_changed(run_child("child_ucx_changed", str(files_dir)), sent_before_check=0)
+
+
+def child_ucx_digest_and_listen(root: str, other: str) -> dict[str, Any]:
+    async def body(t: Transport, files: Files) -> dict[str, Any]:
+        RecordingServed.digest_threads.clear()
+        out = files.root.parent / "out"
+        result: dict[str, Any] = {}
+        result["verified"] = await fetch(t, t.address, "two", out, verify=True) == \
+            (files.root / "two").read_bytes()
+        result["digest_threads"] = RecordingServed.digest_threads
+        port = split_address(t.address)[1]
+        refusals: list[str] = []
+
+        class Watch(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                if "serving on 127.0.0.1 only" in record.getMessage():
+                    refusals.append(record.getMessage())
+
+        logging.getLogger("dyadfs").addHandler(Watch())
+        try:  # this host's other address: the UCX port answers there, the server must not
+            await fetch(t, f"{other}:{port}", "small", out)
+            result["other_address"] = "served"
+        except FetchError as e:
+            result["other_address"] = str(e)
+        result["served"] = files.served
+        result["refusals"] = refusals
+        return result
+    return dict(in_child("ucx", root, body))
+
+
+@needs_ucx
+def test_ucx_hashes_off_its_loop_and_serves_on_its_listen_address_only(
+        files_dir: Path) -> None:
+    other = default_host()
+    if other.startswith("127."):
+        pytest.skip("this host has no address but loopback")
+    result = run_child("child_ucx_digest_and_listen", str(files_dir), other)
+    assert result["verified"] and result["digest_threads"], result
+    assert "dyadfs-ucx" not in result["digest_threads"], result  # not the UCX loop's thread
+    # a connection that came to another address is closed before its request is read
+    assert result["other_address"] != "served" and result["served"] == 1, result
+    assert result["refusals"], result
+
+
+# -- UCX: 1, 3. raw peers ------------------------------------------------------------------
+def ucx_peer(address: str, actions: list[list[Any]], budget: float = 600) -> list[Any]:
+    """A UCX peer doing *actions* (a child process's main; at most *budget* seconds of them),
+    one result per action:
+    ["connect"]; ["send_len", i, n]: an 8-byte length, as send_obj frames it, and nothing
+    after; ["send_obj", i, hex]; ["send_raw", i, hex]: a message without a length;
+    ["recv_obj", i, timeout]: hex, or "closed: ..."/"timeout"; ["closed_within", i, timeout]:
+    seconds until the server closed endpoint i, or "open"; ["abort", i]; ["close", i].
+    A receive given up on stays referenced until its endpoint is gone: UCX may still write
+    into its buffer."""
+    import asyncio
+
+    import numpy as np
+    import ucxx
+
+    async def main() -> list[Any]:
+        host, port = split_address(address)
+        eps: list[Any] = []
+        out: list[Any] = []
+        pending: set[asyncio.Future[Any]] = set()
+        deadline = time.monotonic() + budget
+
+        async def within(aw: Awaitable[Any], timeout: float) -> Any:
+            task = asyncio.ensure_future(aw)
+            done, _ = await asyncio.wait({task}, timeout=timeout)
+            if not done:
+                pending.add(task)
+                raise TimeoutError
+            return task.result()
+
+        for action in actions:
+            op, args = action[0], action[1:]
+            if op == "connect" and time.monotonic() > deadline:
+                break
+            try:
+                if op == "connect":
+                    eps.append(None)
+                    eps[-1] = await ucxx.create_endpoint(host, port)
+                    out.append("ok")
+                    continue
+                ep = eps[args[0]]
+                if ep is None:
+                    out.append("no endpoint")
+                elif op == "send_len":
+                    await ep.send(np.array([args[1]], dtype=np.uint64))
+                    out.append("ok")
+                elif op == "send_obj":
+                    await ep.send_obj(bytes.fromhex(args[1]))
+                    out.append("ok")
+                elif op == "send_raw":
+                    await ep.send(np.frombuffer(bytes.fromhex(args[1]) or b"\0", dtype=np.uint8))
+                    out.append("ok")
+                elif op == "recv_obj":
+                    out.append(bytes(await within(ep.recv_obj(), args[1])).hex())
+                elif op == "closed_within":
+                    t0 = time.monotonic()
+                    buf = np.empty(1 << 16, dtype=np.uint8)
+                    try:
+                        while True:
+                            await within(ep.recv(buf), max(args[1] - (time.monotonic() - t0),
+                                                           0.001))
+                    except TimeoutError:
+                        out.append("open")
+                    except Exception:  # noqa: BLE001 - closed by the server
+                        out.append(time.monotonic() - t0)
+                elif op == "abort":
+                    ep.abort()
+                    out.append("ok")
+                elif op == "close":
+                    await ep.close()
+                    out.append("ok")
+            except TimeoutError:
+                out.append("timeout")
+            except Exception as e:  # noqa: BLE001 - what the server did to us
+                out.append(f"closed: {type(e).__name__}")
+            finally:
+                print("done", json.dumps(action)[:80], json.dumps(out[-1:]), flush=True)
+        for ep in eps:
+            if ep is not None and not ep.closed:
+                ep.abort()
+        if pending:
+            await asyncio.wait(pending, timeout=10)
+        return out
+
+    try:
+        return asyncio.run(main())
+    finally:
+        ucxx.stop_notifier_thread()
+
+
+class UCXServer:
+    """A child process serving *root* with a UCXTransport (see :func:`ucx_server_main`)."""
+
+    def __init__(self, root: Path, **kw: Any) -> None:
+        code = ("import json, sys; import tests.test_transport as t; "
+                "t.ucx_server_main(*json.loads(sys.argv[1]))")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [*filter(None, [os.environ.get("PYTHONPATH")]), str(ROOT)])}
+        self.log = root.parent / "ucx-server.log"
+        with open(self.log, "w") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", code, json.dumps([str(root), kw])],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, env=env,
+                cwd=ROOT)
+        self.address = self._line()
+
+    def _line(self) -> str:
+        assert self.proc.stdout is not None
+        while True:  # UCX itself may print on stdout too
+            line = self.proc.stdout.readline()
+            if not line:
+                raise AssertionError(f"the UCX server died ({self.proc.wait()}):\n"
+                                     f"{self.log.read_text()[-3000:]}")
+            if line.startswith("> "):
+                return line[2:].strip()
+
+    def ask(self, command: str) -> Any:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self._line())
+
+    def close(self) -> str:
+        try:
+            self.ask("quit")
+            self.proc.wait(30)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        return self.log.read_text()
+
+
+def ucx_server_main(root: str, kw: dict[str, Any]) -> None:
+    """Serve *root* over UCX on 127.0.0.1; print the address, then answer stdin's commands:
+    ``fetch NAME`` (from ourselves: does the server still serve?), ``rss`` (peak, KiB),
+    ``quit``."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+
+    async def body(t: Transport, files: Files) -> None:
+        print(">", t.address, flush=True)
+        out = files.root.parent / "server-out"
+        while True:
+            line = (await trio.to_thread.run_sync(sys.stdin.readline)).split()
+            if not line or line[0] == "quit":
+                print("> null", flush=True)
+                return
+            if line[0] == "rss":
+                answer: Any = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            else:
+                answer = await fetch(t, t.address, line[1], out) == \
+                    (files.root / line[1]).read_bytes()
+            print(">", json.dumps(answer), flush=True)
+
+    in_child("ucx", root, body, **kw)
+
+
+@pytest.fixture
+def ucx_server(files_dir: Path) -> Iterator[Callable[..., UCXServer]]:
+    if not HAVE_UCX:
+        pytest.skip("needs UCXX")
+    servers: list[UCXServer] = []
+
+    def start(**kw: Any) -> UCXServer:
+        servers.append(UCXServer(files_dir, **kw))
+        return servers[-1]
+    yield start
+    for s in servers:
+        if s.proc.poll() is None:
+            s.proc.kill()
+            s.proc.wait()
+
+
+def test_ucx_oversized_length_is_refused_before_allocating(
+        ucx_server: Callable[..., UCXServer]) -> None:
+    server = ucx_server()
+    rss = server.ask("rss")
+    got = run_child("ucx_peer", server.address,
+                    [["connect"], ["send_len", 0, 3 << 30], ["closed_within", 0, 20]])
+    assert got[:2] == ["ok", "ok"] and got[2] != "open", got  # dropped, not waited on
+    assert server.ask("rss") - rss < 256 << 10, "the server allocated what the peer announced"
+    assert server.ask("fetch big") is True
+    log = server.close()
+    assert "too long" in log and "Traceback" not in log, log
+
+
+def test_ucx_silent_peer_is_dropped_and_junk_refused(
+        ucx_server: Callable[..., UCXServer]) -> None:
+    server = ucx_server(message_timeout=1.0)
+    got = run_child("ucx_peer", server.address, [
+        ["connect"], ["closed_within", 0, 20],  # says nothing: dropped after ~1 s
+        ["connect"], ["send_obj", 1, b"not json".hex()], ["recv_obj", 1, 20],
+        ["connect"], ["send_raw", 2, b"x".hex()], ["closed_within", 2, 20],
+        ["connect"], ["send_len", 3, 10], ["abort", 3]])
+    assert isinstance(got[1], float) and got[1] < 10, got
+    assert b'"ok": false' in bytes.fromhex(got[4]), got
+    assert got[7] != "open", got
+    assert server.ask("fetch big") is True
+    log = server.close()
+    assert "refused fetch" in log and "Traceback" not in log, log
+
+
+def test_ucx_connections_beyond_the_cap_are_closed_at_once(
+        ucx_server: Callable[..., UCXServer]) -> None:
+    server = ucx_server(max_connections=2)
+    got = run_child("ucx_peer", server.address, [
+        ["connect"], ["connect"], ["connect"], ["closed_within", 2, 20],
+        ["send_obj", 0, Request("ns", "s", b"small", 1).encode().hex()], ["recv_obj", 0, 20]])
+    assert isinstance(got[3], float) and got[3] < 10, got
+    assert json.loads(bytes.fromhex(got[5]))["ok"], got  # the first two are served
+    assert server.ask("fetch small") is True
+    assert "Traceback" not in server.close()
+
+
+
+def _close_wait(port: int) -> int:
+    """Sockets of this host in CLOSE-WAIT on local *port* (/proc/net/tcp, state 08)."""
+    with open("/proc/net/tcp") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    return sum(1 for r in rows if r[3] == "08" and int(r[1].split(":")[1], 16) == port)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "UCX 1.21's TCP connection manager (tcp_sockcm) reads a connection request into a buffer "
+    "of UCX_TCP_CM_PRIV_DATA_LEN (2 KiB) + header; a peer that sends more and then closes "
+    "leaves it recv()ing 0 bytes of room forever: the socket stays in CLOSE-WAIT, its "
+    "descriptor leaks, and the UCX thread spins on it (measured: 0.5-1.1 of a core). dyadfs "
+    "cannot reach that socket; strict, so that a fixed UCX shows up here"))
+def test_ucx_port_junk_over_2k_then_close_leaks_in_ucx(
+        ucx_server: Callable[..., UCXServer]) -> None:
+    server = ucx_server()
+    host, port = split_address(server.address)
+    for _ in range(20):
+        with socket.create_connection((host, port)) as s:
+            s.sendall(bytes(4096))
+    deadline = time.monotonic() + 5
+    while _close_wait(port) and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling the kernel's table, with a deadline
+    assert _close_wait(port) == 0, f"{_close_wait(port)} sockets left in CLOSE-WAIT"
