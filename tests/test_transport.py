@@ -24,6 +24,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import pytest
@@ -834,3 +835,124 @@ def test_ucx_port_junk_over_2k_then_close_leaks_in_ucx(
     while _close_wait(port) and time.monotonic() < deadline:
         time.sleep(0.05)  # polling the kernel's table, with a deadline
     assert _close_wait(port) == 0, f"{_close_wait(port)} sockets left in CLOSE-WAIT"
+
+
+# -- 5. the control socket --------------------------------------------------------------------
+class FakePuller:
+    async def raw_fetch(self, owner: str, size: int) -> float:
+        return 0.001
+
+
+class FakeMount:
+    """What the control server needs of a Mount."""
+
+    def __init__(self, state: Path) -> None:
+        self.config = SimpleNamespace(state_dir=state, mountpoint=Path("/nonexistent/mnt"))
+        self.puller = FakePuller()
+
+    def status(self) -> dict[str, Any]:
+        return {"role": "test"}
+
+
+async def ask(path: Path, data: bytes) -> bytes:
+    """Send *data* to the control socket; what comes back until it closes."""
+    with trio.socket.socket(socket.AF_UNIX) as s:
+        await s.connect(str(path))
+        await s.send(data)
+        out = b""
+        with trio.fail_after(60):
+            while chunk := await s.recv(65536):
+                out += chunk
+    return out
+
+
+def serve_control(state: Path, body: Callable[[Path], Awaitable[None]], *,
+                  clock: trio.abc.Clock | None = None) -> None:
+    from dyadfs.control import _serve_control
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            path = await n.start(_serve_control, FakeMount(state))
+            with trio.fail_after(10_000 if clock else 60):
+                await body(path)
+            assert json.loads(await ask(path, b'{"cmd": "status"}\n')) == {"role": "test"}
+            n.cancel_scope.cancel()
+    trio.run(main, clock=clock)
+
+
+def test_control_socket_survives_junk_resets_floods_and_no_descriptors(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from dyadfs.control import MAX_CONNECTIONS
+    caplog.set_level(logging.INFO)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+
+    async def body(path: Path) -> None:
+        for junk in (b"[1]\n", b'"x"\n', b"1e999\n", b"\xff\xfe\n", b"{\n",
+                     b'{"cmd": "raw", "owner": "o", "size": 1e999}\n',
+                     b'{"cmd": "raw", "owner": 5, "size": "x"}\n'):
+            assert "error" in json.loads(await ask(path, junk)), junk
+        try:  # a line that never ends: answered, or reset for what was left unread
+            assert "error" in json.loads(await ask(path, b"x" * (1 << 20)))
+        except ConnectionResetError:
+            pass
+        s = socket.socket(socket.AF_UNIX)  # a reset in the middle of a line
+        s.connect(str(path))
+        s.sendall(b'{"cmd": "sta')
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+        # a flood: the connections over the cap are closed at once, unanswered
+        flood = [trio.socket.socket(socket.AF_UNIX) for _ in range(MAX_CONNECTIONS + 5)]
+        for f in flood:
+            await f.connect(str(path))
+        with trio.fail_after(10):
+            assert await flood[-1].recv(1) == b""
+        for f in flood:
+            f.close()
+        # no descriptor for accept(): back off, then answer again
+        failed = trio.Event()
+
+        class Watch(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                if "Too many open files" in record.getMessage():
+                    failed.set()
+
+        watch = Watch()
+        logging.getLogger("dyadfs").addHandler(watch)
+        client = trio.socket.socket(socket.AF_UNIX)
+        await client.connect(str(path))
+        lowest = os.open(os.devnull, os.O_RDONLY)
+        os.close(lowest)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest, hard))
+        try:
+            with trio.fail_after(10):
+                await failed.wait()
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            logging.getLogger("dyadfs").removeHandler(watch)
+        with client:
+            await client.send(b"{}\n")
+            with trio.fail_after(10):
+                assert json.loads(await client.recv(65536)) == {"role": "test"}
+
+    serve_control(tmp_path / "state", body)
+    no_errors_logged(caplog)
+
+
+def test_control_socket_drops_silent_and_slow_peers(tmp_path: Path) -> None:
+    async def body(path: Path) -> None:
+        silent, slow = trio.socket.socket(socket.AF_UNIX), trio.socket.socket(socket.AF_UNIX)
+        await silent.connect(str(path))
+        await slow.connect(str(path))
+        t0 = trio.current_time()
+        with silent, slow:
+            async with trio.open_nursery() as n:
+                times: list[float] = []
+
+                async def watch(s: trio.socket.SocketType, drip: float | None) -> None:
+                    times.append(await _closed_at(s, drip) - t0)
+
+                n.start_soon(watch, silent, None)
+                n.start_soon(watch, slow, 1.0)  # a byte a second, never a newline
+        assert all(4.9 <= t <= 6.1 for t in times), times
+
+    serve_control(tmp_path / "state", body, clock=trio.testing.MockClock(autojump_threshold=0))
