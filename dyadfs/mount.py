@@ -28,7 +28,10 @@ from . import __version__, keys
 from .backing import Backing
 from .catalog import Catalog
 from .config import Config
-from .errors import ConfigError, FetchError, KVSError, UsageError
+from .control import _control_request as _control_request  # re-exported
+from .control import _serve_control
+from .control import query_socket as query_socket  # re-exported
+from .errors import ConfigError, KVSError, UsageError
 from .fs import Operations
 from .kernel import raise_readahead
 from .keys import MountRecord
@@ -313,57 +316,6 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-async def _serve_control(mount: Mount, *,
-                         task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED) -> None:
-    """Answer ``dyadfs status``: a JSON line for every connection."""
-    path = info_path(mount.config).with_suffix(".sock")
-    if len(os.fsencode(str(path))) > 100:  # AF_UNIX paths end at 108 bytes
-        digest = hashlib.sha1(os.fsencode(str(path))).hexdigest()[:16]
-        path = Path(f"/tmp/dyadfs-sock-{os.getuid()}") / f"{digest}.sock"
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _unlink(path)
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    with sock:
-        await sock.bind(str(path))
-        sock.listen(16)
-        task_status.started(path)
-        async with trio.open_nursery() as nursery:
-            while True:
-                conn, _ = await sock.accept()
-                nursery.start_soon(_control_request, mount, conn)
-
-
-async def _control_request(mount: Mount, conn: trio.socket.SocketType) -> None:
-    """One JSON request line, one JSON answer line: status, or a raw transfer (bench)."""
-    with conn:
-        try:
-            with trio.fail_after(5):
-                data = b""
-                while not data.endswith(b"\n") and len(data) < 4096:
-                    chunk = await conn.recv(4096)
-                    if not chunk:
-                        break
-                    data += chunk
-            request = json.loads(data or b"{}")
-            if request.get("cmd", "status") == "raw":
-                if mount.puller is None:
-                    raise UsageError("this mount does not pull (shared storage)")
-                with trio.fail_after(300):
-                    seconds = await mount.puller.raw_fetch(str(request["owner"]),
-                                                           int(request["size"]))
-                answer: dict[str, Any] = {"seconds": seconds}
-            else:
-                answer = mount.status()
-        except (trio.TooSlowError, ValueError, KeyError, TypeError, UsageError, OSError,
-                FetchError) as e:
-            answer = {"error": str(e) or type(e).__name__}
-        with trio.move_on_after(5):
-            try:
-                await conn.send((json.dumps(answer) + "\n").encode())
-            except OSError:
-                pass
-
-
 def query_status(config: Config, timeout: float = 5.0) -> dict[str, Any]:
     """The status of the mount of ``config.mountpoint``, from its daemon."""
     info = read_info(info_path(config))
@@ -382,28 +334,6 @@ def read_info(path: Path) -> dict[str, Any] | None:
     except (OSError, KeyError, ValueError):
         return None  # the daemon is gone
     return info
-
-
-def query_socket(path: str, timeout: float,
-                 request: dict[str, Any] | None = None) -> dict[str, Any]:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        try:
-            s.connect(path)
-            s.sendall((json.dumps(request or {"cmd": "status"}) + "\n").encode())
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        except OSError as e:
-            raise UsageError(f"cannot reach the daemon at {path}: {e.strerror or e}") from None
-    try:
-        result: dict[str, Any] = json.loads(data)
-    except ValueError:
-        raise UsageError(f"the daemon at {path} sent no status") from None
-    return result
 
 
 def all_mounts(state_dir: Path) -> list[dict[str, Any]]:

@@ -33,8 +33,9 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     async def start(self, nursery: trio.Nursery, handler: Handler, host: str) -> None:
-        """Serve requests with *handler*, in tasks of *nursery*; returns once listening, with
-        :attr:`address` set (*host* is the address others reach this node at)."""
+        """Serve requests with *handler*, from a task of *nursery* that no peer can end;
+        returns once listening, with :attr:`address` set. *host* is the address others reach
+        this node at (--listen), and the only one served."""
 
     @abc.abstractmethod
     async def fetch(self, address: str, request: Request, sink: Sink) -> None:

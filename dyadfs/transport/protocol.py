@@ -23,7 +23,11 @@ from ..errors import FetchError
 
 log = logging.getLogger(__name__)
 
+#: the longest request, header or trailer either side accepts; a peer announcing more is dropped
+#: before anything is allocated for it
 MAX_MESSAGE = 64 * 1024
+#: the serving side reads (UCX) or sends (TCP) a file this much at a time, and asks
+#: ``Served.changed`` between two of them
 CHUNK = 4 * 1024 * 1024
 
 
@@ -50,7 +54,7 @@ class Request:
             return cls(ns=str(d["ns"]), secret=str(d["secret"]), path=bytes.fromhex(d["path"]),
                        version=int(d["version"]), verify=bool(d.get("verify", False)),
                        raw=int(d.get("raw", 0)))
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        except (ValueError, KeyError, TypeError, OverflowError) as e:  # 1e999 is valid JSON
             raise FetchError(f"malformed request: {e}", errno.EINVAL) from None
 
 
@@ -65,9 +69,12 @@ def parse_header(raw: bytes) -> int:
     try:
         d = json.loads(raw)
         if d.get("ok"):
-            return int(d["size"])
+            size = int(d["size"])
+            if size < 0:
+                raise ValueError("negative size")
+            return size
         err, msg = int(d.get("errno", errno.EIO)), str(d.get("error", ""))
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError):
         raise FetchError("malformed answer from the owner") from None
     raise FetchError(f"the owner refused: {msg}", err)
 
@@ -80,16 +87,28 @@ def parse_trailer(raw: bytes) -> str | None:
     try:
         d = json.loads(raw)
         ok, sha, msg = bool(d["ok"]), d.get("sha256"), str(d.get("error", ""))
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise FetchError("malformed trailer from the owner") from None
     if not ok:
         raise FetchError(f"the owner aborted the transfer: {msg}")
     return None if sha is None else str(sha)
 
 
+def unchanged() -> str | None:
+    """The default ``Served.changed``: nothing says the file changed."""
+    return None
+
+
 @dataclass
 class Served:
-    """An open file the transport sends, then closes; or a refusal."""
+    """An open file the transport sends, then closes; or a refusal.
+
+    ``changed`` is the caller's say on whether the version being sent is still the published
+    one: both transports call it on the trio thread after reading each chunk of at most CHUNK
+    bytes and before sending the next, and once more before the trailer. A reason string
+    aborts the transfer (the trailer says why, or the connection is closed if the bytes
+    already announced cannot be completed).
+    """
 
     fd: int = -1
     size: int = 0
@@ -99,7 +118,7 @@ class Served:
     _st: os.stat_result | None = None
     #: asked after each chunk read from the file (before the next is sent), and at the end:
     #: None while the file still holds the requested version, else why not (abort)
-    changed: Callable[[], str | None] = lambda: None
+    changed: Callable[[], str | None] = unchanged
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -170,7 +189,14 @@ def check_secret(req: Request, ns: str, secret: Callable[[], str | None]) -> str
 
 
 class Sink:
-    """Where a transport writes fetched bytes: a file descriptor, and progress callbacks."""
+    """Where a transport writes fetched bytes: a file descriptor (-1: discard them, a raw
+    transfer), and progress callbacks.
+
+    A transport writes through a shared map of ``fd`` only when ``preallocated`` says the
+    caller reserved the blocks (``fallocate``) after ``on_size``: a map of a sparse file on a
+    full disk answers a write with SIGBUS, which kills the daemon. Otherwise it writes with
+    ``pwrite``/``splice``, whose ENOSPC ends the fetch with a FetchError carrying that errno.
+    """
 
     def __init__(self, fd: int, on_size: Callable[[int], None],
                  on_progress: Callable[[int], None], preallocated: bool = False) -> None:
@@ -181,3 +207,8 @@ class Sink:
         #: cannot fail for want of space (else a full disk would be a SIGBUS)
         self.preallocated = preallocated
         self.sha256: str | None = None
+
+
+def write_error(e: OSError) -> FetchError:
+    """A failed write of the destination (ENOSPC, EDQUOT, EIO): the fetch ends with its errno."""
+    return FetchError(f"writing the pulled copy failed: {e.strerror or e}", e.errno or errno.EIO)
