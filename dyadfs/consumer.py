@@ -157,16 +157,28 @@ class Consumer:
         rec = await self.catalog.get(rel)
         if rec is not None and (rec.owner == self.catalog.mount_id or not rec.complete):
             return None  # ours: the local file is the truth
-        cache = self.puller.cache if self.puller is not None else None
-        if st is not None and (rec is None or (
-                cache is not None and cache.local_version(rel) == rec.version)):
-            if cache is not None:
-                cache.touch(rel)
-            return None  # present and current
+        if st is not None and self._current(rel, rec):
+            return None
         if rec is None:
             rec = await self.wait_published(rel, pid)
             if rec.owner == self.catalog.mount_id:
                 return None
+        return await self._pull(rel, rec, pid)
+
+    def _current(self, rel: bytes, rec: FileRecord | None) -> bool:
+        """Whether the file present at *rel* is what an open should read: not published
+        (a local file), or the pulled copy of the published version."""
+        cache = self.puller.cache if self.puller is not None else None
+        if rec is not None and (cache is None or cache.local_version(rel) != rec.version):
+            return False
+        if cache is not None:
+            cache.touch(rel)
+        return True
+
+    async def _pull(self, rel: bytes, rec: FileRecord, pid: int) -> Pull | None:
+        """Pull *rel* at *rec*'s version; if the owner is rewriting it meanwhile, the version
+        it publishes next."""
+        assert self.catalog is not None
         if self.puller is None:
             raise DyadfsError(f"{os.fsdecode(rel)} is published by another mount and this mount "
                               "has no transport to pull it", errno.EIO)
@@ -179,7 +191,6 @@ class Consumer:
             except FetchError as e:
                 if e.errno != errno.ESTALE:
                     raise
-            # The owner is rewriting the file: this open gets the version it publishes next.
             rec = await self._newer(rel, rec.version, pid)
             if rec.owner == self.catalog.mount_id:
                 return None
