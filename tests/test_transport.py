@@ -184,11 +184,12 @@ def test_accept_out_of_descriptors_backs_off_and_serves_again(
         logging.getLogger("dyadfs").addHandler(watch)
         host, port = split_address(t.address)
         client = trio.socket.socket()
-        await client.connect((host, port))  # in the backlog; accept() needs a descriptor
         lowest = os.open(os.devnull, os.O_RDONLY)
         os.close(lowest)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest, hard))  # no descriptor left
+        # No descriptor left before the connection comes, so that its accept() must fail.
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest, hard))
         try:
+            await client.connect((host, port))  # needs no descriptor: already made
             with trio.fail_after(10):
                 await failed.wait()
         finally:
@@ -919,11 +920,11 @@ def test_control_socket_survives_junk_resets_floods_and_no_descriptors(
         watch = Watch()
         logging.getLogger("dyadfs").addHandler(watch)
         client = trio.socket.socket(socket.AF_UNIX)
-        await client.connect(str(path))
         lowest = os.open(os.devnull, os.O_RDONLY)
         os.close(lowest)
         resource.setrlimit(resource.RLIMIT_NOFILE, (lowest, hard))
         try:
+            await client.connect(str(path))
             with trio.fail_after(10):
                 await failed.wait()
         finally:

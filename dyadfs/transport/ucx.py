@@ -281,7 +281,7 @@ class UCXTransport(Transport):
         self._token: trio.lowlevel.TrioToken | None = None
         self._handler: Handler | None = None
         self._hosts: set[str] | None = None  # None: any local address
-        self._active = 0
+        self._active: set[Any] = set()  # endpoints being served
         self._send_buffers = _Buffers(BUFFERS)
         self._recv_buffers = _Buffers(BUFFERS)
         self._disk = concurrent.futures.ThreadPoolExecutor(DISK_THREADS, "dyadfs-ucx-disk")
@@ -304,9 +304,9 @@ class UCXTransport(Transport):
 
     # -- serving (runs in the UCX thread) ------------------------------------------------------
     async def _serve(self, ep: Any) -> None:
-        if self._active >= self.max_connections:
+        if len(self._active) >= self.max_connections:
             self._refused(logging.WARNING, "UCX: %d connections at once (the limit): closed a "
-                          "new one", self._active)
+                          "new one", len(self._active))
             await self._close(ep)
             return
         if self._hosts is not None:
@@ -316,7 +316,7 @@ class UCXTransport(Transport):
                               "only)", local, ", ".join(sorted(self._hosts)))
                 await self._close(ep)
                 return
-        self._active += 1
+        self._active.add(ep)
         try:
             await self._serve_one(ep)
         except _Stopped as e:
@@ -328,7 +328,7 @@ class UCXTransport(Transport):
         except Exception:
             log.exception("UCX: unexpected error serving a connection")
         finally:
-            self._active -= 1
+            self._active.discard(ep)
             await self._close(ep)
 
     async def _serve_one(self, ep: Any) -> None:
@@ -509,6 +509,16 @@ class UCXTransport(Transport):
 
     async def aclose(self) -> None:
         async def close() -> None:
+            # The endpoints first (their handlers end at once), then the listener once its
+            # handlers are gone: UCXX warns on stderr (the log) about a listener that goes
+            # with handlers alive. _wait_for_active_clients is UCXX's own (0.52), private.
+            for ep in list(self._active):
+                with contextlib.suppress(Exception):
+                    ep.abort()
+            wait = getattr(self._listener, "_wait_for_active_clients", None)
+            if wait is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(wait(), 2)
             if self._listener is not None:
                 self._listener.close()
                 self._listener = None
