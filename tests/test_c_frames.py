@@ -40,7 +40,7 @@ def _stream(cprogs: CPrograms, spawn, mounts: Mounts, prod: Path, cons: Path,  #
     reads = parse_reads(r_out)
     assert len(reads) == FRAMES, r_err.decode()[-2000:]
     wrong = [f"frame {i}: got {r.describe()}, want {size} B crc {crc:08x}"
-             for i, (r, (size, crc)) in enumerate(zip(reads, written))
+             for i, (r, (size, crc)) in enumerate(zip(reads, written, strict=True))
              if (r.size, r.crc, r.err) != (size, crc, 0)]
     assert not wrong, f"{len(wrong)} of {FRAMES} frames wrong:\n" + "\n".join(wrong[:20])
     assert rd.returncode == 0

@@ -332,7 +332,7 @@ class Run:
             kind, detail = "zero bytes", f"want {len(want)} B"
         else:
             kind = "no published version (mixed?)"
-            first = next((i for i, (x, y) in enumerate(zip(got, want)) if x != y),
+            first = next((i for i, (x, y) in enumerate(zip(got, want, strict=False)) if x != y),
                          min(len(got), len(want)))
             tail = got[first:first + 4096]
             detail = (f"{len(got)} B, want {len(want)} B; first difference at byte {first}"

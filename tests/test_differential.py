@@ -216,5 +216,6 @@ def test_hard_links_behave_like_a_plain_directory(tmp_path: Path, mounts: Mounts
     mp = mounts.mount(tmp_path / "m", "--role", "producer", "--namespace", "diff")
     want = _hard_link_script(str(plain))
     got = _hard_link_script(str(mp))
-    wrong = [f"{w[0]}: mount {g[1]!r}, plain {w[1]!r}" for w, g in zip(want, got) if w != g]
+    wrong = [f"{w[0]}: mount {g[1]!r}, plain {w[1]!r}" for w, g in zip(want, got, strict=True)
+             if w != g]
     assert not wrong, f"{len(wrong)} of {len(want)} differ:\n" + "\n".join(wrong)
