@@ -215,7 +215,8 @@ for i in range(200_000):  # a stream of commits with gaps: about a third of the 
             rec = record(mounts, name)
             which = sizes.index(rec.size) if rec and rec.size in sizes else "?"
             problems.append(f"{name}: the record stays at size {getattr(rec, 'size', None)} "
-                            f"(version {which} of 0-19), not the last version's {last[0]}")
+                            f"(version {which}"
+                            f" of 0-19), not the last version's {last[0]}")
             continue
         got = parse_reads(run([cprogs.reader, str(cons / name)], check=False).stdout)
         if [(r.size, r.crc, r.err) for r in got] != [(*last, 0)]:
