@@ -20,29 +20,30 @@ from .helpers import finish, node_local, parse_reads, parse_versions, shared_pai
 pytestmark = pytest.mark.mounted
 
 FRAMES = int(os.environ.get("DYADFS_FRAMES", "500"))
+STDIO_FRAMES = 200
 FRAME_SIZE = 5757
 SEED = 20261202
 
 
 def _stream(cprogs: CPrograms, spawn, mounts: Mounts, prod: Path, cons: Path,  # type: ignore[no-untyped-def]
-            reader: str = "reader") -> None:
+            reader: str = "reader", frames: int = FRAMES) -> None:
     (prod / "group0").mkdir()
-    paths = [str(cons / f"group0/a4md_chunk{i}") for i in range(FRAMES)]
+    paths = [str(cons / f"group0/a4md_chunk{i}") for i in range(frames)]
     rd = spawn([getattr(cprogs, reader), *paths])
     waiting(mounts, cons, 1)  # blocked in open() of frame 0, before group0 exists there
-    wr = spawn([cprogs.writer, str(prod / "group0/a4md_chunk"), str(FRAMES), str(FRAME_SIZE),
+    wr = spawn([cprogs.writer, str(prod / "group0/a4md_chunk"), str(frames), str(FRAME_SIZE),
                 str(SEED), "10", "20"])
     w_out, w_err = finish(wr, 120, "the C writer")
     assert wr.returncode == 0, w_err.decode()
     written = parse_versions(w_out)
-    assert len(written) == FRAMES
+    assert len(written) == frames
     r_out, r_err = finish(rd, 120, "the C reader")
     reads = parse_reads(r_out)
-    assert len(reads) == FRAMES, r_err.decode()[-2000:]
+    assert len(reads) == frames, r_err.decode()[-2000:]
     wrong = [f"frame {i}: got {r.describe()}, want {size} B crc {crc:08x}"
              for i, (r, (size, crc)) in enumerate(zip(reads, written, strict=True))
              if (r.size, r.crc, r.err) != (size, crc, 0)]
-    assert not wrong, f"{len(wrong)} of {FRAMES} frames wrong:\n" + "\n".join(wrong[:20])
+    assert not wrong, f"{len(wrong)} of {frames} frames wrong:\n" + "\n".join(wrong[:20])
     assert rd.returncode == 0
 
 
@@ -63,6 +64,6 @@ def test_waiting_c_reader_gets_every_frame_shared_storage(tmp_path: Path, mounts
 
 def test_waiting_stdio_reader_gets_every_frame(tmp_path: Path, mounts: Mounts,
                                                cprogs: CPrograms, spawn) -> None:  # type: ignore[no-untyped-def]
-    """The same through fopen()/fread() (stdio's buffer size, its own fstat)."""
+    """The same through fopen()/fread() (stdio's buffer size, its own fstat), 200 frames."""
     prod, cons = node_local(mounts, tmp_path, "frames", "tcp")
-    _stream(cprogs, spawn, mounts, prod, cons, reader="freader")
+    _stream(cprogs, spawn, mounts, prod, cons, reader="freader", frames=STDIO_FRAMES)
