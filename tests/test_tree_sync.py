@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -93,16 +94,17 @@ def test_git_repository_reaches_the_consumer(tmp_path: Path, mounts: Mounts) -> 
     """git init, two commits and a branch on the producer: git log, branch and status work on
     the consumer and agree with the producer. git probes for optional files (packed-refs,
     info/grafts) with open(), which on a consumer waits for a publication that never comes:
-    the consumer mount says --no-wait '**/.git/**' (main's option for such probes; without it
-    git fails after --wait-timeout with "couldn't read .git/packed-refs: Connection timed
-    out")."""
+    the consumer mount says --no-wait for them (main's option for such probes; without it git
+    fails after --wait-timeout with "couldn't read .git/packed-refs: Connection timed out",
+    and git status and log wait out the timeout on .gitignore, .gitattributes, .mailmap)."""
     if shutil.which("git") is None:
         pytest.skip("git is not installed")
     env = {**os.environ, "HOME": str(tmp_path), "GIT_CONFIG_NOSYSTEM": "1",
            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org",
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org"}
     prod, cons = node_local(mounts, tmp_path, NS, "tcp", wait_timeout=10,
-                            cons_opts=("--no-wait", "**/.git/**"))
+                            cons_opts=("--no-wait", "**/.git/**,**/.gitignore,"
+                                       "**/.gitattributes,**/.mailmap"))
     repo = prod / "repo"
 
     def git(where: Path, *args: str) -> bytes:
@@ -120,6 +122,7 @@ def test_git_repository_reaches_the_consumer(tmp_path: Path, mounts: Mounts) -> 
     want_log = git(repo, "log", "--oneline", "--all")
     want_branches = git(repo, "branch", "--list")
     assert len(want_log.splitlines()) == 2
+    t0 = time.monotonic()
     r = run(["git", "-C", str(cons / "repo"), "log", "--oneline", "--all"], env=env,
             check=False)
     assert r.returncode == 0, r.stderr.decode()
@@ -127,3 +130,4 @@ def test_git_repository_reaches_the_consumer(tmp_path: Path, mounts: Mounts) -> 
     assert git(cons / "repo", "branch", "--list") == want_branches
     assert git(cons / "repo", "status", "--porcelain") == b""
     assert git(cons / "repo", "show", "feature:README") == b"hello\n"
+    assert time.monotonic() - t0 < 10, "git waited for names it only probes for"
