@@ -151,6 +151,27 @@ def _read_string(tid: int, addr: int) -> bytes | None:
     return None
 
 
+def _components(path: bytes) -> list[bytes]:
+    parts = [p for p in path.split(b"/") if p and p != b"."]
+    if path.endswith(b"/") and parts:
+        parts.append(b"")  # a trailing slash asks for a directory
+    return parts
+
+
+def _find(name: bytes, rel: bytes, parts: list[bytes]) -> int | None:
+    """Where *name* (at *rel*, relative to the mount) ends in the caller's path *parts*: the
+    tail of our relative path is matched against prefixes of the caller's path, which may be
+    absolute, or relative to a cwd inside or outside the mount."""
+    ours = [p for p in rel.split(b"/") if p]
+    for end in range(len(parts), 0, -1):
+        if parts[end - 1] != name:
+            continue
+        k = min(end, len(ours))
+        if parts[end - k:end] == ours[len(ours) - k:]:
+            return end
+    return None
+
+
 def rest_of(name: bytes, rel: bytes, path: bytes | None) -> bytes | None:
     """The components of the caller's *path* after *name* (at *rel*), joined with ``/``: what it
     means to reach through *name* (``b""`` when *name* is the final component; None when
@@ -158,14 +179,8 @@ def rest_of(name: bytes, rel: bytes, path: bytes | None) -> bytes | None:
     if path is None:
         return None
     parts = [p for p in path.split(b"/") if p and p != b"."]
-    ours = [p for p in rel.split(b"/") if p]
-    for end in range(len(parts), 0, -1):
-        if parts[end - 1] != name:
-            continue
-        k = min(end, len(ours))
-        if parts[end - k:end] == ours[len(ours) - k:]:
-            return b"/".join(parts[end:])
-    return None
+    end = _find(name, rel, parts)
+    return None if end is None else b"/".join(parts[end:])
 
 
 def role_of(name: bytes, rel: bytes, path: bytes | None) -> str:
@@ -175,16 +190,8 @@ def role_of(name: bytes, rel: bytes, path: bytes | None) -> str:
     """
     if path is None:
         return "final"
-    parts = [p for p in path.split(b"/") if p and p != b"."]
-    if path.endswith(b"/") and parts:
-        parts.append(b"")  # a trailing slash asks for a directory
-    ours = [p for p in rel.split(b"/") if p]
-    # Match the tail of our relative path against prefixes of the caller's path: the caller's
-    # path may be absolute, relative to a cwd inside or outside the mount.
-    for end in range(len(parts), 0, -1):
-        if parts[end - 1] != name:
-            continue
-        k = min(end, len(ours))
-        if parts[end - k:end] == ours[len(ours) - k:]:
-            return "final" if end == len(parts) else "dir"
-    return "none"
+    parts = _components(path)
+    end = _find(name, rel, parts)
+    if end is None:
+        return "none"
+    return "final" if end == len(parts) else "dir"
