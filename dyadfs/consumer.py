@@ -75,10 +75,8 @@ class Consumer:
         if self._never_waits(rel):
             raise FUSEError(errno.ENOENT)
         call = intent.caller(pid)
-        if call.intent is intent.Intent.UNKNOWN and not self._warned_intent:
-            self._warned_intent = True
-            log.warning("cannot read /proc/%d/syscall: lookups of unpublished names answer "
-                        "ENOENT instead of letting an open wait", pid)
+        if call.intent is intent.Intent.UNKNOWN:
+            return self._unknown_intent(rel, pid)
         if call.intent is intent.Intent.READ:
             where = intent.role_of(name, rel, call.path)
             return ("dir" if where == "dir" else "file"), None
@@ -89,6 +87,22 @@ class Consumer:
             if self._stat_waits(rel):
                 await self.wait_published(rel, pid, "stat")
                 return "waited", None
+        raise FUSEError(errno.ENOENT)
+
+    def _unknown_intent(self, rel: bytes, pid: int) -> Missing:
+        """The caller's system call cannot be read (Yama's ptrace_scope >= 1 for a daemon that
+        is not root, another user's process). Creators must never block, so a missing name is
+        ENOENT at once, except the names the user said are worth waiting for
+        (--wait-on-stat): those answer as for a reader, and an open of one waits. What degrades:
+        a stat of such a name sees a provisional empty file instead of waiting; other readers
+        see ENOENT instead of waiting."""
+        if not self._warned_intent:
+            self._warned_intent = True
+            log.warning("cannot read /proc/%d/syscall: lookups of unpublished names answer "
+                        "ENOENT at once, but for names matching --wait-on-stat, whose open "
+                        "waits", pid)
+        if self._stat_waits(rel):
+            return "file", None
         raise FUSEError(errno.ENOENT)
 
     async def stale(self, rel: bytes, st: os.stat_result) -> bool:
