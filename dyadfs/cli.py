@@ -265,8 +265,13 @@ def _status(args: argparse.Namespace) -> int:
         statuses = [mount_mod.query_status(cfg)]
     else:
         state_dir = config_mod.default_state_dir()
-        statuses = [mount_mod.query_socket(i["socket"], 5.0)
-                    for i in mount_mod.all_mounts(state_dir)]
+        statuses = []
+        for info in mount_mod.all_mounts(state_dir):
+            try:
+                statuses.append(mount_mod.query_socket(info["socket"], 5.0))
+            except UsageError as e:  # one mount that does not answer hides no other
+                statuses.append({"dir": info["dir"], "pid": info["pid"], "error": str(e)})
+        statuses += mount_mod.stale_mounts(state_dir)
     if args.json:
         print(json.dumps(statuses[0] if args.dir else statuses, indent=2))
         return 0
@@ -304,6 +309,13 @@ def _namespace(args: argparse.Namespace) -> int:
 
 
 def _print_status(st: dict[str, Any]) -> None:
+    if st.get("stale"):
+        print(f"{st['dir']}: stale: its daemon (pid {st['pid']}) is gone; "
+              f"fusermount3 -uz {st['dir']} if it is still listed in /proc/mounts")
+        return
+    if "error" in st:
+        print(f"{st['dir']}: pid {st['pid']} does not answer: {st['error']}")
+        return
     print(f"{st['dir']}: pid {st['pid']}, role {st['role']}, namespace {st['namespace']}, "
           f"kvs {st['kvs']}, transport {st['transport'] or '-'}"
           f"{', shared storage' if st['shared_storage'] else ''}")

@@ -343,3 +343,17 @@ def all_mounts(state_dir: Path) -> list[dict[str, Any]]:
         if info is not None:
             out.append(info)
     return out
+
+
+def stale_mounts(state_dir: Path) -> list[dict[str, Any]]:
+    """Records of mounts whose daemon is gone (killed: it could not remove its record). A
+    restart of the same mount replaces its record."""
+    out = []
+    for p in sorted((state_dir / "mounts").glob("*.json")):
+        try:
+            info: dict[str, Any] = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if read_info(p) is None:
+            out.append({"dir": info.get("dir"), "pid": info.get("pid"), "stale": True})
+    return out

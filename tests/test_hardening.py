@@ -129,3 +129,17 @@ def test_without_ucxx_the_default_transport_is_tcp(tmp_path: Path, mounts: Mount
         mounts.close()
         daemon.kill()
         daemon.wait()
+
+
+def test_status_shows_a_killed_mount_as_stale(tmp_path: Path, mounts: Mounts) -> None:
+    mp = mounts.mount(tmp_path / "m", "--namespace", NS, "--transport", "tcp")
+    live = mounts.mount(tmp_path / "live", "--namespace", NS, "--transport", "tcp")
+    pid = mounts.status(mp)["pid"]
+    os.kill(pid, 9)
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10, "the daemon to die")
+    subprocess.run(["fusermount3", "-uz", str(mp)], capture_output=True)
+    out = dyadfs_cmd("status", env=mounts.env).stdout
+    assert f"{mp}: stale: its daemon (pid {pid}) is gone" in out, out
+    assert f"{live}: pid" in out
+    mounts.mount(mp, "--namespace", NS, "--transport", "tcp")  # a restart replaces the record
+    assert "stale" not in dyadfs_cmd("status", env=mounts.env).stdout
