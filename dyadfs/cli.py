@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
                    "'**/.git/**,*.lock')")
     m.add_argument("--fetch-timeout", metavar="SECONDS",
                    help="give up a pull from an unreachable owner after this long (default 10)")
+    m.add_argument("--term-grace", metavar="SECONDS",
+                   help="on SIGTERM, let files open for writing finish and publish for this "
+                   "long before unmounting (default 30)")
     m.add_argument("--kvs", metavar="local|local:PATH|flux",
                    help="the KVS (default: flux when FLUX_URI is set, else local)")
     m.add_argument("--transport", choices=config_mod.TRANSPORTS,
@@ -114,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 _MOUNT_OPTIONS = ("role", "namespace", "shared_storage", "backing", "cache_size", "prefetch",
-                  "wait_timeout", "wait_on_stat", "no_wait", "fetch_timeout", "kvs",
+                  "wait_timeout", "wait_on_stat", "no_wait", "fetch_timeout", "term_grace", "kvs",
                   "transport", "listen", "verify", "ucx_threshold", "async_publish",
                   "foreground", "log", "debug")
 

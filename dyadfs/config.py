@@ -48,6 +48,7 @@ class Config:
     wait_on_stat: tuple[str, ...] = ()  # globs of names whose stat waits (** : all)
     no_wait: tuple[str, ...] = ()  # globs of names that never wait (probed optional files)
     fetch_timeout: float = 10.0
+    term_grace: float = 30.0  # SIGTERM: how long open writers may finish
     kvs: str = "local"
     transport: str = "ucx"
     transport_defaulted: bool = False  # not asked for: UCX if UCXX imports, else TCP
@@ -89,6 +90,7 @@ _FIELDS: dict[str, tuple[str, str | None, str]] = {
     "wait_on_stat": ("DYADFS_WAIT_ON_STAT", None, "patterns"),
     "no_wait": ("DYADFS_NO_WAIT", None, "patterns"),
     "fetch_timeout": ("DYADFS_FETCH_TIMEOUT", None, "seconds"),
+    "term_grace": ("DYADFS_TERM_GRACE", None, "seconds"),
     "kvs": ("DYADFS_KVS", None, "kvs"),
     "transport": ("DYADFS_TRANSPORT", "DYAD_DTL_MODE", "transport"),
     "listen": ("DYADFS_LISTEN", None, "str"),

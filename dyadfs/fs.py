@@ -103,6 +103,8 @@ class Operations(pyfuse3.Operations):
         self.catalog = catalog
         self._am_root = os.geteuid() == 0
         self._device: str | None = None
+        #: a signal asked the mount to end: no new writers (see mount.Mount._signals)
+        self.draining = False
         self._nursery: trio.Nursery | None = None
         #: called once the kernel's INIT is answered (what the answer sets is final by then)
         self.after_init: Callable[[], None] | None = None
@@ -125,6 +127,14 @@ class Operations(pyfuse3.Operations):
         """Where background work (asynchronous publishing) runs."""
         self._nursery = nursery
         self.producer.attach(nursery)
+
+    def writers(self) -> int:
+        """Handles open for writing (what a graceful end waits for)."""
+        return self.nodes.writers()
+
+    def _no_new_writers(self) -> None:
+        if self.draining:
+            raise FUSEError(errno.EROFS)  # the mount is ending: read-only from now on
 
     def _mapped(self, handle: Handle) -> bool:
         if self._device is None:
@@ -335,6 +345,7 @@ class Operations(pyfuse3.Operations):
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo,
                                                           pyfuse3.EntryAttributes]:
+        self._no_new_writers()
         parent = self.nodes.get(parent_inode)
         rel = self.nodes.path_of(parent, name)
         self.consumer.changed_locally(rel)
@@ -362,6 +373,7 @@ class Operations(pyfuse3.Operations):
         node = self.nodes.get(inode)
         rel = self.nodes.rel(node)
         if _writes(flags) or flags & os.O_TRUNC:
+            self._no_new_writers()
             return await self._open_to_write(node, rel, flags)
         pull = await self.consumer.make_readable(rel, ctx.pid)
         if pull is not None and not pull.done:

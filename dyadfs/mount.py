@@ -224,7 +224,7 @@ class Mount:
             stack.callback(self._close_fuse)
             control = await nursery.start(_serve_control, self)
             stack.callback(_unlink, control)
-            nursery.start_soon(self._signals)
+            nursery.start_soon(self._signals, ops)
             info = info_path(c)
             _write_json(info, {"pid": os.getpid(), "dir": str(c.mountpoint),
                                "socket": str(control), "log": str(c.log) if c.log else None})
@@ -282,9 +282,29 @@ class Mount:
         # the mount, so that a failed start never leaves a dead mount behind.
         pyfuse3.close(unmount=not self._kernel_unmounted)
 
-    async def _signals(self) -> None:
+    async def _signals(self, ops: Operations) -> None:
+        """SIGTERM (what Flux and Slurm send at the end of a job), SIGINT, SIGHUP: like
+        ``dyadfs umount``, but bounded: no new writers; the open ones may finish and publish
+        for up to --term-grace seconds; then the mount goes. A second signal: at once."""
+        c = self.config
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
             async for sig in sigs:
+                ops.draining = True
+                if ops.writers():
+                    log.info("signal %d: no new writers; unmounting once the %d open ones "
+                             "close (at most %s s)", sig, ops.writers(), c.term_grace)
+                    with trio.move_on_after(c.term_grace):
+                        async with trio.open_nursery() as nursery:
+                            async def again() -> None:
+                                await sigs.__anext__()
+                                nursery.cancel_scope.cancel()
+                            nursery.start_soon(again)
+                            while ops.writers():  # noqa: ASYNC110 - bounded by term_grace
+                                await trio.sleep(0.05)
+                            nursery.cancel_scope.cancel()
+                    if ops.writers():
+                        log.warning("unmounting with %d files still open for writing",
+                                    ops.writers())
                 log.info("signal %d: unmounting", sig)
                 self._terminated = True
                 pyfuse3.terminate()

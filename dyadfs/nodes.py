@@ -264,6 +264,10 @@ class Nodes:
         self._release(handle.node)
         return handle
 
+    def writers(self) -> int:
+        """How many handles are open for writing."""
+        return sum(1 for h in self._handles.values() if h.flags & os.O_ACCMODE != os.O_RDONLY)
+
     def is_open(self, rel: bytes) -> bool:
         """Whether a handle is open on *rel* (pulled copies in use are never evicted)."""
         return any(self.rel(h.node) == rel for h in self._handles.values())

@@ -143,3 +143,42 @@ def test_status_shows_a_killed_mount_as_stale(tmp_path: Path, mounts: Mounts) ->
     assert f"{live}: pid" in out
     mounts.mount(mp, "--namespace", NS, "--transport", "tcp")  # a restart replaces the record
     assert "stale" not in dyadfs_cmd("status", env=mounts.env).stdout
+
+
+def test_sigterm_lets_open_writers_finish_and_publish(tmp_path: Path, mounts: Mounts) -> None:
+    """Flux and Slurm send SIGTERM at job end: a writer with a file open must not get ENOTCONN;
+    its close publishes, then the mount goes. New writers meanwhile get EROFS."""
+    mp = mounts.mount(tmp_path / "m", "--role", "producer", "--namespace", NS,
+                      "--transport", "tcp", "--term-grace", "60")
+    writer = subprocess.Popen([sys.executable, "-c", f"""
+import sys
+f = open({str(mp / 'out.dat')!r}, 'wb')
+f.write(b'first half '); f.flush()
+print('open', flush=True)
+sys.stdin.readline()
+f.write(b'second half'); f.close()
+print('closed', flush=True)
+"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert writer.stdout is not None and writer.stdin is not None
+    try:
+        assert writer.stdout.readline() == "open\n"
+        pid = mounts.status(mp)["pid"]
+        os.kill(pid, 15)
+        wait_for(lambda: "no new writers" in mounts.logs(), 10, "the daemon to drain")
+        with pytest.raises(OSError) as e:
+            open(mp / "late.dat", "wb").close()
+        assert e.value.errno == 30  # EROFS
+        assert os.path.ismount(mp)  # still serving its open writer
+        writer.stdin.write("go\n")
+        writer.stdin.flush()
+        assert writer.stdout.readline() == "closed\n"
+        assert writer.wait(30) == 0
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 30, "the daemon to exit")
+    finally:
+        writer.kill()
+        writer.wait()
+    assert not os.path.ismount(mp)
+    assert (mp / "out.dat").read_bytes() == b"first half second half"
+    from .test_mounted import record
+    rec = record(mounts, "out.dat", NS)
+    assert rec is not None and rec.size == 22
