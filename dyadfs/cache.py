@@ -2,7 +2,8 @@
 
 Invariants:
 - A pulled copy remembers its version (an extended attribute, and in memory), so a current copy
-  is not pulled again and a stale one is.
+  is not pulled again and a stale one is. At start the index is rebuilt from those attributes
+  (:meth:`Cache.rebuild`), so ``--cache-size`` counts copies pulled before a restart.
 - ``--cache-size`` evicts the least recently used pulled copies; never a file this node produced
   or wrote, never one that is open or being pulled. A prefetched copy nobody has opened yet goes
   only when an open needs the room; a prefetch never evicts one (see prefetch.py).
@@ -13,10 +14,11 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import stat
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .paths import show
+from .paths import HIDDEN, show
 
 if TYPE_CHECKING:
     from .backing import Backing
@@ -74,6 +76,30 @@ class Cache:
         self._lru.move_to_end(rel)
         if prefetched:
             self._unread.add(rel)
+
+    def rebuild(self) -> int:
+        """Count the pulled copies already here (a mount started again over its directory):
+        every file with a version attribute, least recently read first (by atime), so that
+        --cache-size holds from the start. Blocking (a walk of the backing directory): run it
+        in a thread, before serving. Returns how many were found."""
+        found: list[tuple[int, bytes, int, int]] = []
+        for dirpath, dirnames, filenames, dirfd in os.fwalk(".", dir_fd=self.backing.root_fd):
+            if dirpath == ".":
+                dirnames[:] = [d for d in dirnames if os.fsencode(d) != HIDDEN]
+            for name in filenames:
+                try:
+                    st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+                    if not stat.S_ISREG(st.st_mode):
+                        continue
+                    version = int(os.getxattr(f"/proc/self/fd/{dirfd}/{name}", VERSION_XATTR))
+                except (OSError, ValueError):
+                    continue
+                rel = os.fsencode(os.path.normpath(os.path.join(dirpath, name)))
+                found.append((st.st_atime_ns, rel, version, st.st_size))
+        for _, rel, version, size in sorted(found):
+            self._versions[rel] = version
+            self._lru[rel] = size
+        return len(found)
 
     def touch(self, rel: bytes) -> None:
         """*rel* was opened: it becomes the most recently used."""

@@ -267,6 +267,10 @@ class Mount:
         await kvs.commit(c.namespace, {key: record.encode()})
         stack.push_async_callback(self._unregister, key)
         puller = Puller(c, Backing(root_fd), catalog, transport, tcp, secret, self.stats)
+        if c.cache_size is not None:
+            found = await trio.to_thread.run_sync(puller.cache.rebuild)
+            log.info("%d pulled copies here from before (--cache-size counts them)", found)
+            puller.cache.evict()
         puller.attach(nursery)
         self.puller = puller
         log.info("serving on %s (%s), tcp %s", transport.address, transport.name, tcp.address)

@@ -262,3 +262,19 @@ def test_missing_optional_module_is_a_one_line_error(tmp_path: Path, state_env: 
     assert r.returncode != 0 and needle in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not os.path.ismount(tmp_path / "m")
+
+
+def test_cache_size_counts_copies_pulled_before_a_restart(tmp_path: Path, mounts: Mounts) -> None:
+    prod, cons = pair(tmp_path, mounts, "tcp", "--cache-size", "3M")
+    for i in range(6):
+        write_random(prod / f"f{i}", 1 << 20)
+    for i in range(3):
+        assert sha(cons / f"f{i}") == sha(prod / f"f{i}")
+    mounts.umount(cons)
+    mounts.mount(cons, "--role", "consumer", "--namespace", NS, "--transport", "tcp",
+                 "--wait-timeout", "60", "--cache-size", "3M")
+    for i in range(3, 6):
+        assert sha(cons / f"f{i}") == sha(prod / f"f{i}")
+    mounts.umount(cons)
+    present = sorted(p.name for p in cons.iterdir() if p.name.startswith("f"))
+    assert len(present) <= 4 and "f5" in present, present  # the 3M bound, plus the open one
