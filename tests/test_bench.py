@@ -24,7 +24,7 @@ def positive(x: object) -> bool:
 def test_bench_quick_json(tmp_path: Path, state_env: dict[str, str]) -> None:
     out = tmp_path / "out.json"
     r = subprocess.run([sys.executable, "-m", "dyadfs", "bench", "--quick", "--transport", "tcp",
-                        "--sizes", "1", "4", "--frames", "20", "--consumers", "3",
+                        "--sizes", "1", "4", "--frames", "20", "--consumers", "3", "--names", "100",
                         "--json", str(out), "--plot", str(tmp_path / "plot.png"),
                         "--dir", str(tmp_path)],
                        capture_output=True, text=True, env=state_env, timeout=900)
@@ -48,6 +48,11 @@ def test_bench_quick_json(tmp_path: Path, state_env: dict[str, str]) -> None:
     assert positive(k["p50_ms"]) and k["n"] > 0
     assert res["transports"]["tcp"]["consumer_errors"] == 0
     assert [s["consumers"] for s in res["transports"]["tcp"]["scaling_consumers"]] == [1, 2, 3]
+    names = res["transports"]["tcp"]["scaling_names"]
+    assert [s["names"] for s in names] == [100]
+    for s in names:
+        assert all(positive(s[f"stat_{k}"]["p50_ms"]) and positive(s[f"ls_l_{k}_ms"])
+                   for k in ("consumer", "producer", "plain"))
     assert len(f["samples_ms"]) == 20 and all(positive(x) for x in f["samples_ms"])
     pf = res["transports"]["tcp"]["prefetch"]
     for k in ("prefetched", "local_mount", "local_backing", "on_demand_pull"):

@@ -165,6 +165,39 @@ def bench_metadata(prod: Path, backing: Path, n: int) -> dict[str, Any]:
     return res
 
 
+def _ls_l(d: Path) -> float:
+    """Seconds for what ``ls -l`` does: list the directory, lstat every entry."""
+    t0 = time.perf_counter()
+    with os.scandir(d) as it:
+        for entry in it:
+            entry.stat(follow_symlinks=False)
+    return time.perf_counter() - t0
+
+
+def bench_names(prod: Path, prod_backing: Path, cons: Path, counts: list[int],
+                samples: int = 200) -> list[dict[str, Any]]:
+    """Lookups and listings against the namespace's size: *n* names published in one directory
+    (beside the others made before), then, on the consumer (published, not pulled), stat of
+    names of it and ``ls -l`` of it, beside the same on the producer mount and on its backing
+    directory (a plain directory)."""
+    out = []
+    for n in counts:
+        d = f"names-{n}"
+        (prod / d).mkdir()
+        for i in range(n):
+            os.close(os.open(prod / d / f"f{i}", os.O_WRONLY | os.O_CREAT, 0o644))
+        step = max(1, n // samples)
+        names = [f"f{i}" for i in range(0, n, step)][:samples]
+        row: dict[str, Any] = {"names": n}
+        for label, base in (("consumer", cons), ("producer", prod), ("plain", prod_backing)):
+            paths = [base / d / name for name in names]
+            stats = _time_each(lambda i, ps=paths: os.lstat(ps[i]), len(paths))
+            row[f"stat_{label}"] = _ms(stats)
+            row[f"ls_l_{label}_ms"] = round(min(_ls_l(base / d) for _ in range(2)) * 1e3, 2)
+        out.append(row)
+    return out
+
+
 # -- frames ---------------------------------------------------------------------------------------
 def _write_frame(path: Path, data: bytes) -> float:
     """Write a frame (unbuffered: the bytes go at write()); return when close() was called.

@@ -47,6 +47,12 @@ def render(res: dict[str, Any]) -> str:
         lines.append(f"create+close p50: mount {md['create_close_mount']['p50_ms']} ms, backing "
                      f"{md['create_close_backing']['p50_ms']} ms; stat p50: mount "
                      f"{md['stat_mount']['p50_ms']} ms, backing {md['stat_backing']['p50_ms']} ms")
+        for s in r.get("scaling_names", []):
+            lines.append(f"  {s['names']:>6} names in a directory: stat p50 consumer "
+                         f"{s['stat_consumer']['p50_ms']} ms, producer "
+                         f"{s['stat_producer']['p50_ms']} ms, plain {s['stat_plain']['p50_ms']} ms;"
+                         f" ls -l consumer {s['ls_l_consumer_ms']} ms, producer "
+                         f"{s['ls_l_producer_ms']} ms, plain {s['ls_l_plain_ms']} ms")
         for s in r["scaling_frames"]:
             lines.append(f"  {s['frames']:>6} frames, 1 consumer: {s['frames_per_s']} frames/s, "
                          f"latency p50 {s['p50_ms']} ms p99 {s['p99_ms']} ms (back to back)")

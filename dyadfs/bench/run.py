@@ -17,6 +17,7 @@ from .figures import (
     bench_kvs,
     bench_kvs_compare,
     bench_metadata,
+    bench_names,
     bench_prefetch,
     bench_pull,
     bench_read,
@@ -38,6 +39,7 @@ class Plan:
     frames: int
     consumers: int
     transports: list[str]
+    name_counts: list[int]
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Plan:
@@ -51,7 +53,9 @@ class Plan:
                    sizes=[int(float(s) * MiB) for s in (args.sizes or default_sizes)],
                    frames=args.frames or (100 if quick else 300),
                    consumers=args.consumers or (2 if quick else 4),
-                   transports=[args.transport] if args.transport else ["ucx", "tcp"])
+                   transports=[args.transport] if args.transport else ["ucx", "tcp"],
+                   name_counts=[int(n) for n in args.names] if getattr(args, "names", None)
+                   else ([1000, 10000] if quick else [1000, 10000, 100000]))
 
 
 def _consumer_counts(k: int) -> list[int]:
@@ -84,6 +88,7 @@ def transport_figures(base: Path, env: dict[str, str], transport: str,
         r["write"] = bench_write(prod, prod_b, 16 * MiB, 4 if quick else 16)
         r["write_1MiB"] = bench_write(prod, prod_b, MiB, 32 if quick else 128)
         r["metadata"] = bench_metadata(prod, prod_b, 200 if quick else 1000)
+        r["scaling_names"] = bench_names(prod, prod_b, cons, plan.name_counts)
         r["prefetch"] = bench_prefetch(m, ns, plan.frames)
         r["scaling_frames"] = [frames_per_second(prod, [cons], n, f"sf{n}")
                                for n in ([10, 100, 1000] if quick else [10, 100, 1000, 10000])]
