@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import resource
 import secrets
 import signal
 import socket
@@ -87,6 +88,18 @@ def _unstick_fuse_reads() -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def _raise_descriptor_limit() -> None:
+    """Every open file of every reader and each pull under way holds descriptors of the
+    daemon: an ordinary user's soft limit (1024) made the 1,000th simultaneous pull fail with
+    EMFILE. The soft limit goes up to the hard one, as libfuse's passthrough_hp does."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as e:
+            log.warning("descriptor limit stays at %d: %s", soft, e)
 
 
 def check_state_dir(state_dir: Path) -> None:
@@ -173,6 +186,7 @@ class Mount:
     def run(self) -> None:
         check_mountpoint(self.config)
         check_state_dir(self.config.state_dir)
+        _raise_descriptor_limit()
         backing = self.config.backing or self.config.mountpoint
         root_fd = os.open(backing, os.O_RDONLY | os.O_DIRECTORY)
         try:
