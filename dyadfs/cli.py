@@ -83,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--ucx-threshold", metavar="BYTES",
                    help="files smaller than this move over the kept TCP connection even with "
                    "--transport ucx (default 4M; 0: always UCX)")
+    m.add_argument("--same-host", metavar="on|off",
+                   help="pull from a mount of this same host by handing over the file and "
+                   "copying it in the kernel, not over the network (default on)")
     m.add_argument("--async-publish", action="store_const", const=True,
                    help="let close() return before the publication is committed")
     m.add_argument("--foreground", action="store_const", const=True,
@@ -120,8 +123,8 @@ def _parser() -> argparse.ArgumentParser:
 
 _MOUNT_OPTIONS = ("role", "namespace", "shared_storage", "backing", "cache_size", "prefetch",
                   "wait_timeout", "wait_on_stat", "no_wait", "fetch_timeout", "term_grace", "kvs",
-                  "transport", "listen", "verify", "ucx_threshold", "async_publish",
-                  "foreground", "log", "debug")
+                  "transport", "listen", "verify", "ucx_threshold", "same_host",
+                  "async_publish", "foreground", "log", "debug")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -55,6 +55,7 @@ class Config:
     listen: str | None = None
     verify: bool = False
     ucx_threshold: int = 4 << 20
+    same_host: bool = True  # pull from a mount of this host by copy_file_range
     async_publish: bool = False
     key_depth: int = 3
     key_bins: int = 1024
@@ -96,6 +97,7 @@ _FIELDS: dict[str, tuple[str, str | None, str]] = {
     "listen": ("DYADFS_LISTEN", None, "str"),
     "verify": ("DYADFS_VERIFY", None, "bool"),
     "ucx_threshold": ("DYADFS_UCX_THRESHOLD", None, "size0"),
+    "same_host": ("DYADFS_SAME_HOST", None, "bool"),
     "async_publish": ("DYADFS_ASYNC_PUBLISH", "DYAD_ASYNC_PUBLISH", "bool"),
     "key_depth": ("DYADFS_KEY_DEPTH", "DYAD_KEY_DEPTH", "int"),
     "key_bins": ("DYADFS_KEY_BINS", "DYAD_KEY_BINS", "posint"),

@@ -190,6 +190,8 @@ class MountRecord:
     started: float
     rank: int | None = None
     tcp: str | None = None  # every mount also serves plain TCP here
+    local: str | None = None  # transport/local.py's socket, reachable from host_id only
+    host_id: str | None = None
 
     def encode(self) -> bytes:
         return json.dumps({"schema": MOUNT_SCHEMA, **asdict(self)},
@@ -201,12 +203,17 @@ class MountRecord:
         try:
             return cls(host=str(data["host"]), pid=int(data["pid"]), dir=str(data["dir"]),
                        transport=str(data["transport"]),
-                       address=None if data.get("address") is None else str(data["address"]),
+                       address=_opt_str(data, "address"),
                        started=float(data["started"]),
                        rank=None if data.get("rank") is None else int(data["rank"]),
-                       tcp=None if data.get("tcp") is None else str(data["tcp"]))
+                       tcp=_opt_str(data, "tcp"), local=_opt_str(data, "local"),
+                       host_id=_opt_str(data, "host_id"))
         except (KeyError, TypeError, ValueError) as e:
             raise KVSError(f"malformed mount record at {where!r}: {e!r}") from None
+
+
+def _opt_str(data: dict[str, Any], name: str) -> str | None:
+    return None if data.get(name) is None else str(data[name])
 
 
 def _show(value: Any, limit: int = 60) -> str:

@@ -44,6 +44,7 @@ from .server import FileServer
 from .stats import Stats
 from .transport import Transport, default_host
 from .transport import load as load_transport
+from .transport.local import LocalTransport, host_id
 from .transport.tcp import TCPTransport
 
 log = logging.getLogger(__name__)
@@ -273,14 +274,22 @@ class Mount:
             stack.push_async_callback(transport.aclose)
             await transport.start(nursery, server.handle, host)
         self.transport = transport
+        local: LocalTransport | None = None
+        if c.same_host:
+            local = LocalTransport()
+            stack.push_async_callback(local.aclose)
+            await local.start(nursery, server.handle, host)
         record = MountRecord(host=socket.gethostname(), pid=os.getpid(),
                              dir=str(c.mountpoint), transport=transport.name,
                              address=transport.address, started=self.started,
-                             rank=getattr(kvs, "rank", None), tcp=tcp.address)
+                             rank=getattr(kvs, "rank", None), tcp=tcp.address,
+                             local=None if local is None else local.address,
+                             host_id=host_id())
         key = keys.mount_key(self.mount_id)
         await kvs.commit(c.namespace, {key: record.encode()})
         stack.push_async_callback(self._unregister, key)
-        puller = Puller(c, Backing(root_fd), catalog, transport, tcp, secret, self.stats)
+        puller = Puller(c, Backing(root_fd), catalog, transport, tcp, secret, self.stats,
+                        local=local)
         if c.cache_size is not None:
             found = await trio.to_thread.run_sync(puller.cache.rebuild)
             log.info("%d pulled copies here from before (--cache-size counts them)", found)

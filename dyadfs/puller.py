@@ -40,6 +40,7 @@ from .hashing import sha256_fd
 from .keys import FileRecord, MountRecord
 from .paths import TMP_DIR, parent_of, show
 from .transport import Transport
+from .transport.local import LocalTransport, host_id
 from .transport.protocol import CHUNK, Request, Sink
 
 if TYPE_CHECKING:
@@ -117,12 +118,16 @@ class Pull:
 
 class Puller:
     def __init__(self, config: Config, backing: Backing, catalog: Catalog,
-                 transport: Transport, fallback: Transport, secret: str, stats: Stats) -> None:
+                 transport: Transport, fallback: Transport, secret: str, stats: Stats,
+                 local: LocalTransport | None = None) -> None:
         self.cfg = config
         self.backing = backing
         self.catalog = catalog
         self.transport = transport
         self.fallback = fallback
+        self.local = local  # same-host pulls (transport/local.py), if on
+        self.host_id = host_id()
+        self._not_local: set[str] = set()  # owners the local socket did not reach
         self.secret = secret
         self.stats = stats
         self.cache = Cache(config, backing)
@@ -203,6 +208,10 @@ class Puller:
                 return None
             mrec = MountRecord.decode(raw, keys.mount_key(owner))
             self._owners[owner] = mrec
+        if self.local is not None and mrec.local and mrec.host_id == self.host_id and \
+                owner not in self._not_local:
+            # A mount of this host: the owner hands the file over, the kernel copies it.
+            return self.local, mrec.local
         if mrec.tcp and size < self.cfg.ucx_threshold:
             # Small files over the kept TCP connection: a UCX endpoint costs ~25 ms to wire
             # up here, more than a frame takes to move (see the README's benchmarks).
@@ -274,6 +283,13 @@ class Puller:
                 if outcome is None:
                     return
                 last = outcome
+                if transport is self.local and address in self.local.unreachable:
+                    # Not reachable that way after all (another network namespace): the
+                    # network from now on.
+                    log.info("same-host pull from %s failed (%s): over the network from now "
+                             "on", pull.rec.owner, outcome)
+                    self._not_local.add(pull.rec.owner)
+                    continue
                 if progressed:  # this attempt moved bytes: the owner was alive
                     deadline = trio.current_time() + self.cfg.fetch_timeout
 

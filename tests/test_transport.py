@@ -33,6 +33,7 @@ import trio.testing
 
 from dyadfs.errors import ConfigError, FetchError
 from dyadfs.transport import Transport, default_host
+from dyadfs.transport.local import LocalTransport
 from dyadfs.transport.protocol import (
     CHUNK,
     Request,
@@ -434,6 +435,8 @@ def run_child(func: str, *args: Any, timeout: float = 120) -> Any:
 def _transport(name: str, **kw: Any) -> Transport:
     if name == "tcp":
         return TCPTransport(**kw)
+    if name == "local":
+        return LocalTransport(**kw)
     from dyadfs.transport.ucx import UCXTransport
     return UCXTransport(**kw)
 
@@ -501,7 +504,7 @@ def child_full_disk(name: str, root: str, small: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("name", [
-    "tcp", pytest.param("ucx", marks=needs_ucx)])
+    "tcp", "local", pytest.param("ucx", marks=needs_ucx)])
 def test_full_disk_ends_the_fetch_with_enospc(files_dir: Path, small_disk: Path,
                                               name: str) -> None:
     result = run_child("child_full_disk", name, str(files_dir), str(small_disk))
@@ -957,3 +960,81 @@ def test_control_socket_drops_silent_and_slow_peers(tmp_path: Path) -> None:
         assert all(4.9 <= t <= 6.1 for t in times), times
 
     serve_control(tmp_path / "state", body, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+# -- same host: the owner hands the file over, the consumer copies it (transport/local.py) ------
+def child_local(root: str) -> dict[str, Any]:
+    async def body(t: Transport, files: Files) -> dict[str, Any]:
+        fds = len(os.listdir("/proc/self/fd"))
+        result: dict[str, Any] = {
+            "changed": await _changed_cases(t, files, files.root.parent / "out")}
+        out = files.root.parent / "outdir"
+        out.mkdir()
+        for name in ("small", "two", "huge", "empty"):
+            result[name] = await fetch(t, t.address, name, out / name, verify=True) == \
+                (files.root / name).read_bytes()
+        # A file truncated while it is copied (a producer rewriting it with O_TRUNC).
+        events = 0
+
+        def truncate(n: int) -> None:
+            nonlocal events
+            events += 1
+            if events == 2:
+                os.truncate(files.root / "huge", 0)
+
+        try:
+            await fetch(t, t.address, "huge", out / "huge", progress=truncate)
+            result["truncated"] = "no error"
+        except FetchError as e:
+            result["truncated"] = e.errno
+        result["after"] = await fetch(t, t.address, "two", out / "two") == \
+            (files.root / "two").read_bytes()
+        # Refusals come back as such; a name nobody listens on is marked unreachable.
+        try:
+            await fetch(t, t.address, "missing", out / "missing")
+        except FetchError as e:
+            result["missing"] = e.errno
+        assert isinstance(t, LocalTransport)
+        try:
+            await fetch(t, "@dyadfs-nobody-listens", "two", out / "x")
+        except OSError as e:
+            result["nobody"] = e.errno
+        result["unreachable"] = sorted(t.unreachable)
+        # Every handed-over file closed on both sides (kept connections: one socket pair).
+        result["fds_left"] = len(os.listdir("/proc/self/fd")) - fds
+        return result
+    return dict(in_child("local", root, body))
+
+
+def test_local_copies_vouched_chunks_and_refuses_what_the_owner_refuses(
+        files_dir: Path) -> None:
+    result = run_child("child_local", str(files_dir))
+    _check_changed(result["changed"], sent_before_check=0)  # copied, then vouched
+    assert all(result[n] for n in ("small", "two", "huge", "empty")), result
+    assert result["truncated"] == errno.ESTALE, result
+    assert result["after"], result
+    assert result["missing"] == errno.ENOENT, result
+    assert result["nobody"] == errno.ECONNREFUSED, result
+    assert result["unreachable"] == ["@dyadfs-nobody-listens"], result
+    assert result["fds_left"] <= 2, result
+
+
+def test_local_socket_junk_costs_only_that_connection(files_dir: Path) -> None:
+    async def main() -> None:
+        t = LocalTransport(message_timeout=1)
+        files = Files(files_dir)
+        async with trio.open_nursery() as n:
+            await t.start(n, files.handle, "")
+            assert t.address is not None and t.address.startswith("@")
+            for junk in (b"\xff" * 10, struct.pack("!I", 1 << 30), b"\0\0\0\x05{]]]}",
+                         struct.pack("!I", 1) + b"?"):
+                s = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                await s.connect("\0" + t.address[1:])
+                await s.send(junk)
+                s.close()
+            with trio.fail_after(10):
+                assert await fetch(t, t.address, "two", files_dir.parent / "out") == \
+                    (files_dir / "two").read_bytes()
+            await t.aclose()
+            n.cancel_scope.cancel()
+    trio.run(main)
