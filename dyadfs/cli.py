@@ -113,7 +113,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--frames", type=int, help="frames in the latency runs")
     b.add_argument("--consumers", type=int, metavar="K",
                    help="scale up to K consumer mounts (default 4; 2 with --quick)")
-    b.add_argument("--transport", choices=config_mod.TRANSPORTS, help="only this transport")
+    b.add_argument("--transport", choices=("local", *config_mod.TRANSPORTS),
+                   help="only this transport (local: two mounts of this host hand files "
+                   "over, the default; ucx, tcp: over the network, --same-host off)")
     b.add_argument("--names", nargs="+", metavar="N", help="directory sizes of the lookup and "
                    "ls -l scaling rows (default 1000 10000 100000; 1000 10000 with --quick)")
     b.add_argument("--dir", metavar="PATH", help="where to make the bench's directories "

@@ -179,7 +179,8 @@ class Mount:
             "wait_timeouts": s.wait_timeouts, "pulled": s.pulled, "pulling": s.pulling,
             "prefetch": c.prefetch, "prefetched": s.prefetched,
             "prefetch_pending": None if self.prefetcher is None else self.prefetcher.pending,
-            "bytes_pulled": s.bytes_pulled, "served": s.served,
+            "bytes_pulled": s.bytes_pulled, "pulled_same_host": s.pulled_same_host,
+            "same_host": c.same_host, "served": s.served,
             "bytes_served": s.bytes_served, "errors": s.errors,
             "unexpected_errors": s.unexpected,
         }

@@ -281,6 +281,8 @@ class Puller:
                 transport, address = where
                 outcome, progressed = await self._attempt(pull, transport, address)
                 if outcome is None:
+                    if transport is self.local:
+                        self.stats.pulled_same_host += 1
                     return
                 last = outcome
                 if transport is self.local and address in self.local.unreachable:

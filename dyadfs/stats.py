@@ -15,6 +15,7 @@ class Stats:
     prefetched: int = 0
     pulling: int = 0
     bytes_pulled: int = 0
+    pulled_same_host: int = 0  # of pulled: handed over by a mount of this host
     served: int = 0
     bytes_served: int = 0
     errors: int = 0

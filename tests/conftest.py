@@ -107,6 +107,18 @@ class FluxInstance:
             os.killpg(self.proc.pid, signal.SIGKILL)
 
 
+def same_host_or_network(args: list[str]) -> list[str]:
+    """Every mount of a test runs on this one host, where pulls would all take the same-host
+    path (transport/local.py). A test that names a network transport gets it
+    (``--same-host off``); ``--transport local`` means the default: same host, on."""
+    if "--transport" not in args or "--same-host" in args:
+        return args
+    i = args.index("--transport")
+    if args[i + 1] == "local":
+        return args[:i] + args[i + 2:]
+    return [*args, "--same-host", "off"]
+
+
 class Mounts(harness.Mounts):
     """The shared harness's mounts, plus the tests' Flux instance: with one, mounts use the Flux
     KVS, consumers on the second broker and everything else on the first (two "nodes")."""
@@ -127,7 +139,7 @@ class Mounts(harness.Mounts):
         return "local" if self.flux is None else "flux"
 
     def options(self, path: Path, opts: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
-        args, env = list(opts), self.env
+        args, env = same_host_or_network(list(opts)), self.env
         if self.flux is not None:
             rank = 1 if "consumer" in opts else 0
             env = {**self.env, "FLUX_URI": self.flux.uris[rank]}

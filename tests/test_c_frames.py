@@ -48,7 +48,7 @@ def _stream(cprogs: CPrograms, spawn, mounts: Mounts, prod: Path, cons: Path,  #
 
 
 @pytest.mark.parametrize("layout", ["roles", "both"])
-@pytest.mark.parametrize("transport", ["ucx", "tcp"])
+@pytest.mark.parametrize("transport", ["ucx", "tcp", "local"])
 def test_waiting_c_reader_gets_every_frame_node_local(tmp_path: Path, mounts: Mounts,
                                                       cprogs: CPrograms, spawn,  # type: ignore[no-untyped-def]
                                                       transport: str, layout: str) -> None:

@@ -32,7 +32,7 @@ from .helpers import (
 
 pytestmark = pytest.mark.mounted
 NS = "full"
-TRANSPORTS = ["ucx", "tcp"]
+TRANSPORTS = ["ucx", "tcp", "local"]  # local: two mounts of one host (the default)
 
 
 def record(mounts: Mounts, rel: str) -> FileRecord | None:

@@ -26,7 +26,7 @@ from .conftest import BOTH_KVS, Mounts, run, wait_for
 pytestmark = pytest.mark.mounted
 NS = "pull"
 
-TRANSPORTS = ["ucx", "tcp"]
+TRANSPORTS = ["ucx", "tcp", "local"]  # local: two mounts of one host (the default)
 
 
 def pair(tmp_path: Path, mounts: Mounts, transport: str, *cons_opts: str) -> tuple[Path, Path]:
@@ -65,6 +65,8 @@ def test_pull_large_file_streams_and_is_identical(tmp_path: Path, mounts: Mounts
         assert r.returncode == 0 and out.split()[0].decode() == want
     st = mounts.status(cons)
     assert st["pulled"] == 1 and st["bytes_pulled"] == 64 << 20
+    # same host: handed over and copied in the kernel, unless the test asked for a network
+    assert st["pulled_same_host"] == (1 if transport == "local" else 0), st
     # numpy reading a pulled frame
     run([sys.executable, "-c", "import numpy as np, sys; a = np.arange(1000, dtype='<f8'); "
          f"a.tofile({str(prod / 'arr.bin')!r})"])

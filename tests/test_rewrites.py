@@ -36,7 +36,7 @@ from .helpers import (
 
 pytestmark = pytest.mark.mounted
 NS = "rw"
-TRANSPORTS = ["ucx", "tcp"]
+TRANSPORTS = ["ucx", "tcp", "local"]  # local: two mounts of one host (the default)
 FAILS_OK = (errno.EIO, errno.ESTALE)
 VERSIONS = 6
 

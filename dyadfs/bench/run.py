@@ -29,6 +29,16 @@ from .figures import (
     plain_frame_latency,
 )
 
+#: "local": the default, two mounts of one host hand files over (--same-host on); "ucx" and
+#: "tcp": the network transports, as between two hosts (--same-host off)
+BENCH_TRANSPORTS = ("local", "ucx", "tcp")
+
+
+def transport_options(transport: str) -> list[str]:
+    if transport == "local":
+        return []
+    return ["--transport", transport, "--same-host", "off"]
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -53,7 +63,7 @@ class Plan:
                    sizes=[int(float(s) * MiB) for s in (args.sizes or default_sizes)],
                    frames=args.frames or (100 if quick else 300),
                    consumers=args.consumers or (2 if quick else 4),
-                   transports=[args.transport] if args.transport else ["ucx", "tcp"],
+                   transports=[args.transport] if args.transport else list(BENCH_TRANSPORTS),
                    name_counts=[int(n) for n in args.names] if getattr(args, "names", None)
                    else ([1000, 10000] if quick else [1000, 10000, 100000]))
 
@@ -74,7 +84,7 @@ def transport_figures(base: Path, env: dict[str, str], transport: str,
     root.mkdir()
     quick = plan.quick
     with mounts(root, env) as m:
-        ns = ["--namespace", f"bench-{transport}", "--transport", transport]
+        ns = ["--namespace", f"bench-{transport}", *transport_options(transport)]
         prod, prod_b = m.mount_named("prod", "--role", "producer", *ns)
         cons, cons_b = m.mount_named("cons", "--role", "consumer", *ns)
         owner = m.control(prod)["mount_id"]
@@ -131,7 +141,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         if env.get("FLUX_URI"):
             results["kvs_compare"] = bench_kvs_compare(base, env, plan.transports[0],
                                                        plan.frames)
-        main = per.get("ucx") or per[plan.transports[0]]
+        main = per.get("local") or per.get("ucx") or per[plan.transports[0]]
         for part in ("frame_latency", "pull", "read", "write", "metadata"):
             results[part] = main[part]
     finally:
