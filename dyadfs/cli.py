@@ -76,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--kvs", metavar="local|local:PATH|flux",
                    help="the KVS (default: flux when FLUX_URI is set, else local)")
     m.add_argument("--transport", choices=config_mod.TRANSPORTS,
-                   help="how pulled bytes move (default ucx)")
+                   help="how pulled bytes move between hosts (default ucx where the node has "
+                   "an RDMA device, else tcp)")
     m.add_argument("--listen", metavar="HOST", help="address to serve files on")
     m.add_argument("--verify", action="store_const", const=True,
                    help="check a SHA-256 of every pulled file")

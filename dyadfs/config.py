@@ -111,6 +111,23 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _NS = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 
+def rdma_devices() -> list[str]:
+    try:
+        return sorted(os.listdir("/sys/class/infiniband"))
+    except OSError:
+        return []
+
+
+def default_transport() -> str:
+    """Between hosts: UCX where it has RDMA to use (and UCXX imports), else dyadfs's own TCP.
+    Without RDMA, UCX moves bytes over TCP sockets of its own, measured slower than the plain
+    TCP transport at every size (README, benchmarks); within one host, mounts hand files over
+    (--same-host) whatever the transport."""
+    if rdma_devices() and importlib.util.find_spec("ucxx") is not None:
+        return "ucx"
+    return "tcp"
+
+
 def parse_size(text: str) -> int:
     """``"64M"``, ``"1GiB"``, ``"4096"`` -> bytes (binary multiples)."""
     m = _SIZE.match(text)
@@ -258,8 +275,7 @@ def build(mountpoint: str | os.PathLike[str], options: Mapping[str, Any] | None 
     if "role" not in values:
         values["role"] = _role_from_dyad(mp, env)
     if "transport" not in values:
-        # UCX where UCXX imports (pip install 'dyadfs[ucx]'), else TCP: a plain install works.
-        values["transport"] = "ucx" if importlib.util.find_spec("ucxx") is not None else "tcp"
+        values["transport"] = default_transport()
         values["transport_defaulted"] = True
     if "kvs" not in values and env.get("FLUX_URI"):
         values["kvs"] = "flux"

@@ -42,7 +42,7 @@ from .prefetch import Prefetcher
 from .puller import Puller
 from .server import FileServer
 from .stats import Stats
-from .transport import Transport, default_host
+from .transport import Transport, default_host, transport_reason
 from .transport import load as load_transport
 from .transport.local import LocalTransport, host_id
 from .transport.tcp import TCPTransport
@@ -248,7 +248,7 @@ class Mount:
             log.info("mounted %s (role %s, namespace %s, kvs %s)", c.mountpoint, c.role,
                      c.namespace, c.kvs)
             if c.transport_defaulted and c.transport == "tcp" and not c.shared_storage:
-                log.info("UCXX is not installed (pip install 'dyadfs[ucx]'): pulls use TCP")
+                log.info("pulls between hosts use TCP: %s", transport_reason())
             with _unstick_fuse_reads():
                 await pyfuse3.main(max_tasks=MAX_TASKS)
             self._kernel_unmounted = not self._terminated

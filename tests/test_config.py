@@ -9,7 +9,8 @@ from dyadfs.errors import ConfigError
 def test_defaults(tmp_path: Path) -> None:
     c = config.build(tmp_path, {}, env={})
     assert c.role == "both" and c.namespace == "dyadfs" and c.kvs == "local"
-    assert c.wait_timeout is None and not c.shared_storage and c.transport == "ucx"
+    assert c.wait_timeout is None and not c.shared_storage
+    assert c.transport == config.default_transport()
     assert c.mountpoint == tmp_path
 
 
@@ -63,3 +64,19 @@ def test_sizes_and_flux_default(tmp_path: Path) -> None:
 def test_state_dir_override(tmp_path: Path) -> None:
     c = config.build(tmp_path, {}, env={"DYADFS_STATE_DIR": str(tmp_path / "s")})
     assert c.kvs_path == tmp_path / "s" / "kvs.sqlite"
+
+
+def test_default_transport_is_ucx_only_with_rdma(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without RDMA, UCX runs over TCP sockets of its own, slower than the TCP transport;
+    within one host the mounts hand files over (--same-host) whatever the transport."""
+    import importlib.util
+    have_ucxx = importlib.util.find_spec("ucxx") is not None
+    monkeypatch.setattr(config, "rdma_devices", lambda: [])
+    c = config.build(tmp_path, {}, env={})
+    assert (c.transport, c.transport_defaulted, c.same_host) == ("tcp", True, True)
+    monkeypatch.setattr(config, "rdma_devices", lambda: ["mlx5_0"])
+    c = config.build(tmp_path, {}, env={})
+    assert c.transport == ("ucx" if have_ucxx else "tcp")
+    c = config.build(tmp_path, {"transport": "ucx", "same_host": "off"}, env={})
+    assert (c.transport, c.transport_defaulted, c.same_host) == ("ucx", False, False)

@@ -68,6 +68,20 @@ _IMPLS = {"tcp": ("dyadfs.transport.tcp", "TCPTransport"),
           "ucx": ("dyadfs.transport.ucx", "UCXTransport")}
 
 
+def transport_reason() -> str:
+    """Why the default transport is TCP here (config.default_transport), for the log."""
+    import importlib.util
+
+    from ..config import rdma_devices
+
+    if importlib.util.find_spec("ucxx") is None:
+        return "UCXX is not installed (pip install 'dyadfs[ucx]')"
+    if not rdma_devices():
+        return ("no RDMA device (/sys/class/infiniband): UCX would run over TCP sockets, "
+                "slower than plain TCP; --transport ucx to use it anyway")
+    return "chosen"
+
+
 def check_available(name: str) -> None:
     """Cheaply (without importing UCX) raise the one-line error :func:`load` would raise."""
     import importlib.util
