@@ -121,6 +121,15 @@ def _parser() -> argparse.ArgumentParser:
                    "ls -l scaling rows (default 1000 10000 100000; 1000 10000 with --quick)")
     b.add_argument("--dir", metavar="PATH", help="where to make the bench's directories "
                    "(default: the temporary directory)")
+    b.add_argument("--peer", metavar="PREFIX", help="also run the same C clients on DYAD "
+                   "installed in PREFIX (lib/dyad.so, lib/libdyad_wrapper.so; flux on PATH) "
+                   "and on dyadfs, side by side")
+    b.add_argument("--peer-frames", type=int, metavar="N",
+                   help="frames in the side-by-side frame latency (default 50)")
+    b.add_argument("--peer-sizes", nargs="+", metavar="MiB",
+                   help="file sizes of the side-by-side bulk rows (default 1 16 64)")
+    b.add_argument("--peer-files", type=int, metavar="N",
+                   help="files of each size in the side-by-side bulk rows (default 5)")
     return p
 
 

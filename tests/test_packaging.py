@@ -20,3 +20,14 @@ def test_spack_recipe_matches_pyproject() -> None:
             f'depends_on("{spack}@{low.rstrip(".0")}:"' in recipe, f"{dep} missing in the recipe"
     assert 'depends_on("fuse@3:"' in recipe
     assert 'variant("flux"' in recipe and 'variant("ucx"' in recipe
+
+
+def test_bench_c_sources_are_package_data() -> None:
+    """`dyadfs bench --peer` compiles its C clients from the installed package: the wheel and
+    the sdist must carry them."""
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    globs = data["package-data"]["dyadfs.bench"]
+    sources = sorted((ROOT / "dyadfs/bench/c").iterdir())
+    assert {p.name for p in sources} >= {"producer.c", "consumer.c", "clients.h"}
+    for p in sources:
+        assert any(p.relative_to(ROOT / "dyadfs/bench").match(g) for g in globs), p

@@ -63,7 +63,67 @@ def render(res: dict[str, Any]) -> str:
         f = r["frame_latency"]
         lines.append(f"KVS {kvs}: frame latency p50 {f['p50_ms']} ms, p99 {f['p99_ms']} ms; "
                      f"16 MiB pull {r['pull_16MiB_MiBps']} MiB/s")
+    lines.append("\n" + peer_table(res.get("peer", {"skipped": "not run"})))
     return "\n".join(lines)
+
+
+PEER_NAMES = {"dyad_ucx": "DYAD, UCX DTL", "dyad_flux_rpc": "DYAD, Flux RPC DTL",
+              "dyadfs_ucx": "dyadfs, ucx", "dyadfs_tcp": "dyadfs, tcp"}
+
+
+def _peer_rows(peer: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(label, how to get a column's figure in ms) per row of the side-by-side table."""
+    rows: list[tuple[str, Any]] = [
+        (f"frame {peer['frame_bytes']:,} B: producer close returned -> waiting consumer's open "
+         f"returned, {q} ({peer['frames']} frames)",
+         lambda c, q=q: c["frame_latency"][f"{q}_ms"]) for q in ("p50", "p99")]
+    for i, size in enumerate(peer["sizes"]):
+        rows.append((f"open + read to EOF of a published {_size(size)} file (median of "
+                     f"{peer['files']})", lambda c, i=i: c["open_read"][i]["median_ms"]))
+    w = peer["sizes"].index(16 * MiB) if 16 * MiB in peer["sizes"] else len(peer["sizes"]) - 1
+    rows.append((f"producer open+write+close of a {_size(peer['sizes'][w])} file (median of "
+                 f"{peer['files']})", lambda c: c["write"][w]["median_ms"]))
+    return rows
+
+
+def _size(n: int) -> str:
+    return f"{n / MiB:g} MiB" if n >= MiB else f"{n / 1024:g} KiB"
+
+
+def peer_table(peer: dict[str, Any]) -> str:
+    """The side-by-side table (markdown, for the README): the same C clients on DYAD's two DTLs
+    and on dyadfs; each dyadfs figure with its ratio to DYAD's best DTL and to DYAD's UCX
+    (time ratios: below 1, dyadfs is faster)."""
+    if "skipped" in peer:
+        return f"side by side with DYAD: skipped ({peer['skipped']})"
+    cols = peer["columns"]
+    out = ["same C clients, side by side (ratio: dyadfs time / DYAD's best DTL, / DYAD UCX)",
+           "| figure | " + " | ".join(PEER_NAMES.get(k, k) for k in cols) + " |",
+           "|---" * (len(cols) + 1) + "|"]
+    for label, get in _peer_rows(peer):
+        ms = {k: None if "error" in c or "skipped" in c else float(get(c))
+              for k, c in cols.items()}
+        dyad = [v for k, v in ms.items() if k.startswith("dyad_") and v is not None]
+        cells = []
+        for k, v in ms.items():
+            if v is None:
+                cells.append("skipped" if "skipped" in cols[k] else "failed")
+                continue
+            cell = f"{v:.3g} ms" if v < 100 else f"{v:.0f} ms"
+            if k.startswith("dyadfs_") and dyad:
+                cell += f" ({v / min(dyad):.2f}x best"
+                if (ucx := ms.get("dyad_ucx")) is not None:
+                    cell += f", {v / ucx:.2f}x UCX"
+                cell += ")"
+            cells.append(cell)
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    notes: dict[str, list[str]] = {}
+    for k, c in cols.items():
+        if "error" in c or "skipped" in c:
+            why = c.get("error") or "skipped: " + c["skipped"]
+            notes.setdefault(why, []).append(PEER_NAMES.get(k, k))
+    out.extend(f"{', '.join(names)}: {why}" for why, names in notes.items())
+    return "\n".join(out)
 
 
 def plot(res: dict[str, Any], path: str) -> None:

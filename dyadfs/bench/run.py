@@ -28,6 +28,7 @@ from .figures import (
     mounts,
     plain_frame_latency,
 )
+from .peer import NO_PEER, PeerPlan, check_prefix, peer_figures
 
 #: "local": the default, two mounts of one host hand files over (--same-host on); "ucx" and
 #: "tcp": the network transports, as between two hosts (--same-host off)
@@ -50,6 +51,8 @@ class Plan:
     consumers: int
     transports: list[str]
     name_counts: list[int]
+    peer: Path | None
+    peer_plan: PeerPlan
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Plan:
@@ -59,13 +62,21 @@ class Plan:
         if args.consumers is not None and not 1 <= args.consumers <= 16:
             raise UsageError(f"--consumers: from 1 to 16, got {args.consumers}")
         default_sizes = [1, 16, 64] if quick else [1, 16, 64, 256]
+        for opt, n, least in (("--peer-frames", args.peer_frames, 2),
+                              ("--peer-files", args.peer_files, 1)):
+            if n is not None and n < least:
+                raise UsageError(f"{opt}: at least {least}, got {n}")
         return cls(quick=quick,
                    sizes=[int(float(s) * MiB) for s in (args.sizes or default_sizes)],
                    frames=args.frames or (100 if quick else 300),
                    consumers=args.consumers or (2 if quick else 4),
                    transports=[args.transport] if args.transport else list(BENCH_TRANSPORTS),
                    name_counts=[int(n) for n in args.names] if getattr(args, "names", None)
-                   else ([1000, 10000] if quick else [1000, 10000, 100000]))
+                   else ([1000, 10000] if quick else [1000, 10000, 100000]),
+                   peer=check_prefix(args.peer) if args.peer else None,
+                   peer_plan=PeerPlan(
+                       frames=args.peer_frames or 50, files=args.peer_files or 5,
+                       sizes=[int(float(s) * MiB) for s in (args.peer_sizes or [1, 16, 64])]))
 
 
 def _consumer_counts(k: int) -> list[int]:
@@ -131,6 +142,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     env = {**os.environ, "DYADFS_STATE_DIR": str(base / "state")}
     results: dict[str, Any] = {"machine": machine_info(), "quick": plan.quick}
     try:
+        # first: the side-by-side rows on a machine not yet warmed by the rest
+        results["peer"] = (peer_figures(plan.peer, env, plan.peer_plan, plan.transports)
+                           if plan.peer else {"skipped": NO_PEER})
         results["kvs"] = bench_kvs(base, env, 100 if plan.quick else 300)
         results["frame_latency_baselines"] = {
             "plain_directory": plain_frame_latency(base, plan.frames)}
