@@ -246,11 +246,14 @@ def measure(side: Side, clients: Clients, plan: PeerPlan) -> dict[str, Any]:
 # -- dyadfs ---------------------------------------------------------------------------------------
 def dyadfs_column(env: dict[str, str], transport: str, clients: Clients, plan: PeerPlan,
                   root: Path) -> dict[str, Any]:
-    """Two mounts (producer, consumer) of the bench's harness, default options but
-    ``--transport``, backing directories under *root*."""
+    """Two mounts (producer, consumer) of the bench's harness, default options but the
+    transport's (run.transport_options: "local" is the default, the others pull over the
+    network with --same-host off), backing directories under *root*."""
+    from .run import transport_options
+
     root.mkdir()
     with mounts(root, env) as m:
-        ns = ["--namespace", f"peer-{transport}-{os.getpid()}", "--transport", transport]
+        ns = ["--namespace", f"peer-{transport}-{os.getpid()}", *transport_options(transport)]
         prod, _ = m.mount_named("prod", "--role", "producer", *ns)
         cons, _ = m.mount_named("cons", "--role", "consumer", *ns)
         return measure(Side(prod, cons, root), clients, plan)

@@ -68,7 +68,9 @@ def render(res: dict[str, Any]) -> str:
 
 
 PEER_NAMES = {"dyad_ucx": "DYAD, UCX DTL", "dyad_flux_rpc": "DYAD, Flux RPC DTL",
-              "dyadfs_ucx": "dyadfs, ucx", "dyadfs_tcp": "dyadfs, tcp"}
+              "dyadfs_local": "dyadfs, defaults (same host)",
+              "dyadfs_ucx": "dyadfs, ucx (--same-host off)",
+              "dyadfs_tcp": "dyadfs, tcp (--same-host off)"}
 
 
 def _peer_rows(peer: dict[str, Any]) -> list[tuple[str, Any]]:
