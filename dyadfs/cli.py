@@ -85,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
                    "--transport ucx (default 4M; 0: always UCX)")
     m.add_argument("--async-publish", action="store_const", const=True,
                    help="let close() return before the publication is committed")
+    m.add_argument("--dyad-compat", choices=("on", "off"),
+                   help="share the namespace with C DYAD (Flux only; default on with the Flux "
+                   "KVS): write and watch DYAD's keys, serve and use DYAD's dyad.fetch")
     m.add_argument("--foreground", action="store_const", const=True,
                    help="stay in the foreground instead of starting a daemon")
     m.add_argument("--log", metavar="FILE", help="log to FILE")
@@ -121,7 +124,7 @@ def _parser() -> argparse.ArgumentParser:
 _MOUNT_OPTIONS = ("role", "namespace", "shared_storage", "backing", "cache_size", "prefetch",
                   "wait_timeout", "wait_on_stat", "no_wait", "fetch_timeout", "term_grace", "kvs",
                   "transport", "listen", "verify", "ucx_threshold", "async_publish",
-                  "foreground", "log", "debug")
+                  "dyad_compat", "foreground", "log", "debug")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
