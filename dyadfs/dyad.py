@@ -277,7 +277,7 @@ class DyadService:
                 log.exception("unexpected error taking a dyad.fetch request")
                 respond(msg, errno.EIO)
 
-        def on_wake(handle: Any, watcher: Any, revents: int, arg: Any) -> None:
+        def on_wake(handle: Any, watcher: Any, fd: int, revents: int, arg: Any) -> None:
             try:
                 while True:
                     os.read(rfd, 4096)
@@ -301,12 +301,13 @@ class DyadService:
                 if isinstance(answer, int):
                     del pending[rid]  # an error response ends the stream (ENODATA too)
 
-        watchers = []
+        watchers: list[Any] = []
         try:
             watchers.append(h.msg_watcher_create(on_request, flux.constants.FLUX_MSGTYPE_REQUEST,
-                                                 TOPIC).start())
-            watchers.append(h.fd_watcher_create(rfd, on_wake,
-                                                events=flux.constants.FLUX_POLLIN).start())
+                                                 TOPIC))
+            watchers.append(h.fd_watcher_create(rfd, on_wake, events=flux.constants.FLUX_POLLIN))
+            for w in watchers:
+                w.start()
             if not tell(started, 0):
                 return
             h.reactor_run()
