@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from dyadfs.keys import dyad_key
+
 from .conftest import FLUX_OK, FUSE_OK, FUSE_SKIP, CPrograms, FluxInstance, Mounts, run
 from .helpers import daemon_alive, finish, parse_reads, parse_versions, waiting
 
@@ -335,6 +337,29 @@ def test_hostile_dyad_fetch_requests_get_errors(tmp_path: Path, mounts: Mounts, 
     c = run(["timeout", "60", cprogs.reader, str(ccons / "frame0")],
             env=dyad.env(1, ns, consumer=ccons))
     assert reads_of(c.stdout) == {"frame0": (*frame, 0)}
+
+
+def test_dyad_compat_off_turns_both_directions_off(tmp_path: Path, mounts: Mounts, dyad: Dyad,
+                                                   cprogs: CPrograms) -> None:
+    ns = mounts.ns("off")
+    cprod = tmp_path / "cprod"
+    cprod.mkdir()
+    dyad.namespace(ns)
+    dyad.load(0, cprod)
+    cons = mounts.mount(tmp_path / "cons", "--role", "consumer", "--namespace", "off",
+                        "--transport", "tcp", "--wait-timeout", "3", "--dyad-compat", "off")
+    write(cprogs, cprod / "c", FRAME, 71, dyad.env(0, ns, producer=cprod))
+    r = run(["timeout", "60", cprogs.reader, str(cons / "c0")], check=False)
+    assert reads_of(r.stdout)["c0"] == (-1, 0, errno.ETIMEDOUT)  # DYAD's key not watched
+    prod = mounts.mount(tmp_path / "prod", "--role", "producer", "--namespace", "off",
+                        "--transport", "tcp", "--dyad-compat", "off")
+    assert mounts.status(prod)["dyad_service"] is None
+    write(cprogs, prod / "f", FRAME, 72)
+    assert reads_of(run([cprogs.reader, str(prod / "f0")]).stdout)["f0"][0] == FRAME
+    got = dyad.flux_at(0, "kvs", "get", "--namespace", ns, dyad_key("f0"))
+    assert got.returncode != 0  # no DYAD key written
+    on = dyad.flux_at(0, "kvs", "get", "--namespace", ns, dyad_key("c0"))
+    assert on.stdout.strip() == "0"  # while C DYAD's is there
 
 
 def test_no_fuse_mount_left(tmp_path: Path) -> None:
