@@ -216,57 +216,63 @@ class Puller:
             raise flight.error
 
     async def _run_dyad(self, rel: bytes, rank: int, flight: _DyadPull) -> None:
-        assert self.dyad is not None
-        tmp = TMP_DIR + b"/" + secrets.token_hex(8).encode()
-        installed = False
         self.stats.pulling += 1
         t0 = time.monotonic()
         try:
-            fd = self.backing.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                epoch = self.cache.epoch(rel)
-                size = await self.dyad.fetch(rank, os.fsdecode(rel), fd, self.cfg.fetch_timeout)
-                if size == 0:
-                    # DYAD cannot move a 0-byte file; an empty answer is no proof of one
-                    raise FetchError(f"rank {rank}'s dyad.fetch answered no bytes", errno.EIO)
-                os.fchmod(fd, 0o644)
-                Cache.mark(fd, DYAD_VERSION)
-                if self.cache.epoch(rel) != epoch or self.backing.lstat_or_none(rel):
-                    log.info("pulled %s from C DYAD, but it was made here meanwhile: not "
-                             "installed", show(rel))
-                else:
-                    parent = parent_of(rel)
-                    if parent != b".":
-                        self.backing.makedirs(parent)
-                    self.backing.rename(tmp, rel)
-                    installed = True
-                    self.cache.installed(rel, DYAD_VERSION, size, prefetched=False)
-                    self.stats.pulled += 1
-                    self.stats.bytes_pulled += size
-                    log.debug("pulled %s (%d B) from C DYAD on rank %d in %.3f s", show(rel),
-                              size, rank, time.monotonic() - t0)
-            finally:
-                os.close(fd)
-                if not installed:
-                    try:
-                        self.backing.unlink(tmp)
-                    except FileNotFoundError:
-                        pass
+            size = await self._transfer_dyad(rel, rank)
         except (DyadfsError, OSError) as e:
             self.stats.errors += 1
             err = e.errno if e.errno in _LOCAL else errno.EIO
-            why = e.strerror if isinstance(e, OSError) and not isinstance(e, DyadfsError) \
-                else str(e)
+            why = str(e) if isinstance(e, DyadfsError) else e.strerror or str(e)
             log.error("pull of %s from C DYAD (rank %d) failed: %s", show(rel), rank, why)
             flight.error = FetchError(f"pull of {show(rel)} from C DYAD failed: {why}",
                                       err or errno.EIO)
+        else:
+            if size is not None:
+                self.stats.pulled += 1
+                self.stats.bytes_pulled += size
+                log.debug("pulled %s (%d B) from C DYAD on rank %d in %.3f s", show(rel),
+                          size, rank, time.monotonic() - t0)
+                self.cache.evict()
+                self.cache.room()
         finally:
             self.stats.pulling -= 1
             del self._dyad_pulls[rel]
             flight.done.set()
-            if installed:
-                self.cache.evict()
-                self.cache.room()
+
+    async def _transfer_dyad(self, rel: bytes, rank: int) -> int | None:
+        """Fetch *rel* into a temporary file and install it: its size, or None if something
+        made here meanwhile wins (the temporary file goes either way unless installed)."""
+        assert self.dyad is not None
+        tmp = TMP_DIR + b"/" + secrets.token_hex(8).encode()
+        fd = self.backing.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        installed = False
+        try:
+            epoch = self.cache.epoch(rel)
+            size = await self.dyad.fetch(rank, os.fsdecode(rel), fd, self.cfg.fetch_timeout)
+            if size == 0:
+                # DYAD cannot move a 0-byte file; an empty answer is no proof of one
+                raise FetchError(f"rank {rank}'s dyad.fetch answered no bytes", errno.EIO)
+            os.fchmod(fd, 0o644)
+            Cache.mark(fd, DYAD_VERSION)
+            if self.cache.epoch(rel) != epoch or self.backing.lstat_or_none(rel):
+                log.info("pulled %s from C DYAD, but it was made here meanwhile: not "
+                         "installed", show(rel))
+                return None
+            parent = parent_of(rel)
+            if parent != b".":
+                self.backing.makedirs(parent)
+            self.backing.rename(tmp, rel)
+            installed = True
+            self.cache.installed(rel, DYAD_VERSION, size, prefetched=False)
+            return size
+        finally:
+            os.close(fd)
+            if not installed:
+                try:
+                    self.backing.unlink(tmp)
+                except FileNotFoundError:
+                    pass
 
     async def raw_fetch(self, owner: str, size: int) -> float:
         """Seconds to move *size* bytes from *owner*'s memory to here, without files: the

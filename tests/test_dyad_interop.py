@@ -171,8 +171,25 @@ def test_c_dyad_empty_file_is_eio_not_an_empty_file(tmp_path: Path, mounts: Moun
     assert reads_of(r.stdout)["empty0"] == (-1, 0, errno.EIO)
     assert "from C DYAD (rank 0) failed" in mounts.logs()
     assert not (tmp_path / "cons" / "empty0").exists()  # no empty file under the real name
+    assert not list((tmp_path / "cons").glob(".dyadfs/tmp/*"))
     frame = write(cprogs, prod / "frame", FRAME, 14, penv)  # and the mount still serves
     assert reads_of(run([cprogs.reader, str(cons / "frame0")]).stdout)["frame0"] == (*frame, 0)
+
+
+def test_c_dyad_file_without_a_service_is_eio(tmp_path: Path, mounts: Mounts, dyad: Dyad,
+                                              cprogs: CPrograms) -> None:
+    """C DYAD published (its key names rank 0) but nothing serves dyad.fetch there: the open
+    fails with EIO at once (the broker answers ENOSYS), not after a hang."""
+    ns = mounts.ns("nomod")
+    prod = tmp_path / "cprod"
+    prod.mkdir()
+    dyad.namespace(ns)
+    cons = mounts.mount(tmp_path / "cons", "--role", "consumer", "--namespace", "nomod",
+                        "--transport", "tcp", "--wait-timeout", "60", "--fetch-timeout", "30")
+    write(cprogs, prod / "orphan", FRAME, 15, dyad.env(0, ns, producer=prod))
+    r = run(["timeout", "20", cprogs.reader, str(cons / "orphan0")], check=False)
+    assert reads_of(r.stdout)["orphan0"] == (-1, 0, errno.EIO)
+    assert "ENOSYS" in mounts.logs() or "Function not implemented" in mounts.logs()
 
 
 # -- (ii) dyadfs producer -> C DYAD consumer, no DYAD module anywhere ---------------------------
