@@ -154,6 +154,25 @@ def test_c_dyad_producer_to_dyadfs_consumer(tmp_path: Path, mounts: Mounts, dyad
     assert not list((tmp_path / "cons").glob(".dyadfs/tmp/*"))  # no temporary file left
 
 
+def test_stat_waits_for_a_c_dyad_file(tmp_path: Path, mounts: Mounts, dyad: Dyad,
+                                      cprogs: CPrograms, spawn) -> None:  # type: ignore[no-untyped-def]
+    """--wait-on-stat: a stat of a name C DYAD has not published yet waits, then sees the
+    pulled file."""
+    ns = mounts.ns("c2fsstat")
+    prod = tmp_path / "cprod"
+    prod.mkdir()
+    dyad.namespace(ns)
+    dyad.load(0, prod)
+    cons = mounts.mount(tmp_path / "cons", "--role", "consumer", "--namespace", "c2fsstat",
+                        "--transport", "tcp", "--wait-timeout", "60", "--wait-on-stat", "st*")
+    stat = spawn(["timeout", "60", "stat", "-c", "%s", str(cons / "st0")])
+    waiting(mounts, cons, 1)
+    frame = write(cprogs, prod / "st", FRAME, 16, dyad.env(0, ns, producer=prod))
+    out, err = finish(stat, 60, "stat of a C DYAD file")
+    assert out.strip() == str(FRAME).encode(), err
+    assert reads_of(run([cprogs.reader, str(cons / "st0")]).stdout)["st0"] == (*frame, 0)
+
+
 def test_c_dyad_empty_file_is_eio_not_an_empty_file(tmp_path: Path, mounts: Mounts, dyad: Dyad,
                                                     cprogs: CPrograms) -> None:
     """DYAD's module cannot send a 0-byte file (it answers an error); dyadfs says EIO, with a
