@@ -168,8 +168,11 @@ class DyadService:
             def request(rid: int, upath: str) -> None:
                 nursery.start_soon(self._answer, rid, upath)
 
+            # The wake-up pipe is the trio side's: only it writes (and closes) the write end, so
+            # a byte never goes to a descriptor number the reactor thread closed and reused.
+            rfd, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             self._thread = threading.Thread(target=self._reactor, name="dyad.fetch",
-                                            args=(token, started, request), daemon=True)
+                                            args=(token, rfd, started, request), daemon=True)
             self._thread.start()
             try:
                 await ready.wait()
@@ -193,6 +196,13 @@ class DyadService:
                 self._post(None)
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(self._thread.join, 10.0)
+                wfd, self._wake_w = self._wake_w, -1
+                os.close(wfd)
+                if not self._thread.is_alive():  # else it may still poll it: leave it open
+                    os.close(rfd)
+
+    def _stopped(self) -> None:
+        self.registered = False
 
     # -- the trio side -----------------------------------------------------------------------
     async def _answer(self, rid: int, upath: str) -> None:
@@ -221,8 +231,8 @@ class DyadService:
                 pass  # the pipe is full: the reactor wakes anyway
 
     # -- the reactor thread (the only user of its Flux handle) ------------------------------
-    def _reactor(self, token: trio.lowlevel.TrioToken, started: Callable[[int], None],
-                 request: Callable[[int, str], None]) -> None:
+    def _reactor(self, token: trio.lowlevel.TrioToken, rfd: int,
+                 started: Callable[[int], None], request: Callable[[int, str], None]) -> None:
         def tell(fn: Callable[..., None], *args: Any) -> bool:
             try:
                 trio.from_thread.run_sync(fn, *args, trio_token=token)
@@ -233,13 +243,9 @@ class DyadService:
         try:
             h = flux.Flux() if self._uri is None else flux.Flux(self._uri)
             h.service_register(SERVICE).get()
-        except OSError as e:
-            tell(started, e.errno or errno.EIO)
+        except Exception as e:  # the mount waits for this answer: it must come
+            tell(started, getattr(e, "errno", None) or errno.EIO)
             return
-        rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._wake_w = wfd
-        if not self._out.empty():  # stopped before the reactor ran
-            os.write(wfd, b"x")
         pending: dict[int, Any] = {}  # request id -> its message (only this thread holds it)
         next_id = [0]
 
@@ -279,11 +285,9 @@ class DyadService:
 
         def on_wake(handle: Any, watcher: Any, fd: int, revents: int, arg: Any) -> None:
             try:
-                while True:
-                    os.read(rfd, 4096)
-            except BlockingIOError:
-                pass
-            except OSError:
+                while os.read(rfd, 4096):
+                    pass
+            except OSError:  # BlockingIOError: drained
                 pass
             while True:
                 try:
@@ -313,8 +317,9 @@ class DyadService:
             h.reactor_run()
         except Exception:
             log.exception("the dyad.fetch service stopped")
+            tell(started, errno.EIO)  # if it had not started yet, the mount goes on without
+            tell(self._stopped)
         finally:
-            self._wake_w = -1
             for msg in pending.values():
                 respond(msg, errno.ENOSYS)  # the mount is going: no answer will come
             pending.clear()
@@ -324,8 +329,6 @@ class DyadService:
                 h.service_unregister(SERVICE).get()
             except OSError:
                 pass
-            os.close(rfd)
-            os.close(wfd)
 
 
 def _upath(payload: str | None) -> str | None:
