@@ -375,6 +375,27 @@ def test_hostile_dyad_fetch_requests_get_errors(tmp_path: Path, mounts: Mounts, 
     assert reads_of(c.stdout) == {"frame0": (*frame, 0)}
 
 
+def test_dyad_fetch_never_sends_a_file_being_rewritten(tmp_path: Path, mounts: Mounts,
+                                                       dyad: Dyad) -> None:
+    """While a writer rewrites a published file in place, dyad.fetch refuses it (ESTALE: a C
+    DYAD consumer would otherwise get a mix of two versions); after its close, the new bytes."""
+    ns = mounts.ns("torn")
+    dyad.namespace(ns)
+    prod = mounts.mount(tmp_path / "prod", "--role", "producer", "--namespace", "torn",
+                        "--transport", "tcp")
+    old, new = os.urandom(FRAME), os.urandom(FRAME)
+    (prod / "f").write_bytes(old)
+    uri = dyad.flux.uris[1]
+    ask = json.dumps({"upath": "f"}).encode()
+    assert dyad_rpc(uri, ask) == (old, errno.ENODATA)
+    with open(prod / "f", "r+b") as f:
+        f.write(new[:100])
+        f.flush()  # through the mount: the file now holds neither version
+        assert dyad_rpc(uri, ask) == (b"", errno.ESTALE)
+        f.write(new[100:])
+    assert dyad_rpc(uri, ask) == (new, errno.ENODATA)  # published again at the close
+
+
 def test_dyad_compat_off_turns_both_directions_off(tmp_path: Path, mounts: Mounts, dyad: Dyad,
                                                    cprogs: CPrograms) -> None:
     ns = mounts.ns("off")
