@@ -332,3 +332,8 @@ def _print_status(st: dict[str, Any]) -> None:
           f"timeouts {st['wait_timeouts']}, errors {st['errors']}")
     if st.get("prefetch"):
         print(f"  prefetch on: prefetched {st['prefetched']}, queued {st['prefetch_pending']}")
+    if st.get("dyad_compat"):
+        service = {True: "this mount serves DYAD's dyad.fetch",
+                   False: "dyad.fetch served by DYAD's module or another mount",
+                   None: "no dyad.fetch service here"}[st.get("dyad_service")]
+        print(f"  C DYAD interop on: {service}")

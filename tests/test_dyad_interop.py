@@ -16,7 +16,7 @@ import pytest
 
 from dyadfs.keys import dyad_key
 
-from .conftest import FLUX_OK, FUSE_OK, FUSE_SKIP, CPrograms, FluxInstance, Mounts, run
+from .conftest import FLUX_OK, FUSE_OK, FUSE_SKIP, CPrograms, FluxInstance, Mounts, dyadfs_cmd, run
 from .helpers import daemon_alive, finish, parse_reads, parse_versions, waiting
 
 DYAD_PREFIX = Path(os.environ.get("DYAD_PREFIX", "/opt/dyad"))
@@ -219,6 +219,8 @@ def test_dyadfs_producer_to_c_dyad_consumer_without_module(
     prod = mounts.mount(tmp_path / "prod", "--role", "producer", "--namespace", "fs2c",
                         "--transport", "tcp")
     assert mounts.status(prod)["dyad_service"] is True  # it registered dyad.fetch on rank 0
+    assert "C DYAD interop on: this mount serves DYAD's dyad.fetch" in \
+        dyadfs_cmd("status", str(prod), env=mounts.env).stdout
     ccons = tmp_path / "ccons"
     (ccons / "group0").mkdir(parents=True)  # DYAD's consumer directories must exist
     names = [ccons / "group0" / "frame0", ccons / "big0", ccons / "empty0"]
@@ -247,6 +249,8 @@ def test_dyadfs_producer_beside_dyad_module(tmp_path: Path, mounts: Mounts, dyad
     dyad.load(0, mp)  # DYAD's module serves the mount point: it reads through the mount
     prod = mounts.mount(mp, "--role", "producer", "--namespace", "beside", "--transport", "tcp")
     assert mounts.status(prod)["dyad_service"] is False  # the module holds dyad.fetch
+    assert "dyad.fetch served by DYAD's module or another mount" in \
+        dyadfs_cmd("status", str(prod), env=mounts.env).stdout
     assert "dyad.fetch is served on this broker already" in mounts.logs()
     cons = mounts.mount(tmp_path / "cons", "--role", "consumer", "--namespace", "beside",
                         "--transport", "tcp", "--wait-timeout", "60")
