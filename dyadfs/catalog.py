@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
 
+import trio
+
 from . import keys
-from .errors import KVSError
-from .keys import FileRecord
-from .kvs import KVS
+from .errors import DyadfsError, KVSError
+from .keys import DyadOwner, FileRecord
+from .kvs import KVS, timeout_error
 
 log = logging.getLogger(__name__)
 
@@ -157,14 +160,20 @@ class Catalog:
                 if rec.owner == self.mount_id}
 
     # -- publishing --------------------------------------------------------------------------
-    def _dyad_puts(self, rel: bytes, present: bool) -> dict[str, bytes | None]:
+    def _dyad_key(self, rel: bytes) -> str | None:
+        """DYAD's key of *rel* (None: no DYAD interop, or a name DYAD cannot have)."""
         if not self._dyad_keys:
-            return {}
+            return None
         try:
             upath = rel.decode("utf-8")
         except UnicodeDecodeError:
-            return {}  # Flux keys are UTF-8 strings: DYAD cannot name this file, dyadfs can
-        key = keys.dyad_key(upath, self._depth, self._bins)
+            return None  # Flux keys are UTF-8 strings: DYAD cannot name this file, dyadfs can
+        return keys.dyad_key(upath, self._depth, self._bins)
+
+    def _dyad_puts(self, rel: bytes, present: bool) -> dict[str, bytes | None]:
+        key = self._dyad_key(rel)
+        if key is None:
+            return {}
         return {key: str(self._rank if self._rank is not None else 0).encode() if present
                 else None}
 
@@ -269,6 +278,52 @@ class Catalog:
         rec = self._strict(await self.kvs.wait_until(self.ns, key, ready, timeout), key)
         assert rec is not None
         return rec
+
+    async def wait_published(self, rel: bytes, timeout: float | None,
+                             also: Callable[[], bool] | None = None) -> FileRecord | DyadOwner:
+        """Wait until *rel* is published complete (and *also* holds), by a dyadfs mount or, with
+        DYAD interop, by C DYAD: DYAD's key for *rel* appearing first, with no dyadfs record
+        beside it (a dyadfs mount writes both in one commit), is C DYAD's publication."""
+        dkey = self._dyad_key(rel)
+        if dkey is None:
+            return await self.wait_complete(rel, timeout, also)
+        result: list[FileRecord | DyadOwner] = []
+        failure: list[DyadfsError] = []
+
+        async def ours(scope: trio.CancelScope) -> None:
+            try:
+                result.append(await self.wait_complete(rel, None, also))
+            except DyadfsError as e:
+                failure.append(e)
+            scope.cancel()
+
+        async def dyads(scope: trio.CancelScope) -> None:
+            assert dkey is not None
+            try:
+                raw = await self.kvs.wait(self.ns, dkey, None)
+                rec = await self.get(rel)
+                if rec is not None:  # a dyadfs publication: ours() sees it, or waits on
+                    return
+                owner = keys.dyad_owner(raw, dkey)
+            except DyadfsError as e:
+                failure.append(e)
+                scope.cancel()
+                return
+            if also is None or also():
+                result.append(owner)
+                scope.cancel()
+            # else a stale key of an earlier run (shared storage: the file is not there):
+            # only a dyadfs publication ends the wait now
+
+        with trio.move_on_after(math.inf if timeout is None else timeout):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ours, nursery.cancel_scope)
+                nursery.start_soon(dyads, nursery.cancel_scope)
+        if result:
+            return result[0]
+        if failure:
+            raise failure[0]
+        raise timeout_error(self.ns, _key_of(rel), timeout)
 
     async def wait_not_writing(self, rel: bytes, timeout: float | None) -> FileRecord | None:
         """Shared storage: wait until nobody is writing *rel* (complete, or gone). A malformed

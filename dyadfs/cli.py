@@ -89,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
                    "copying it in the kernel, not over the network (default on)")
     m.add_argument("--async-publish", action="store_const", const=True,
                    help="let close() return before the publication is committed")
+    m.add_argument("--dyad-compat", choices=("on", "off"),
+                   help="share the namespace with C DYAD (Flux only; default on with the Flux "
+                   "KVS): write and watch DYAD's keys, serve and use DYAD's dyad.fetch")
     m.add_argument("--foreground", action="store_const", const=True,
                    help="stay in the foreground instead of starting a daemon")
     m.add_argument("--log", metavar="FILE", help="log to FILE")
@@ -136,7 +139,7 @@ def _parser() -> argparse.ArgumentParser:
 _MOUNT_OPTIONS = ("role", "namespace", "shared_storage", "backing", "cache_size", "prefetch",
                   "wait_timeout", "wait_on_stat", "no_wait", "fetch_timeout", "term_grace", "kvs",
                   "transport", "listen", "verify", "ucx_threshold", "same_host",
-                  "async_publish", "foreground", "log", "debug")
+                  "async_publish", "dyad_compat", "foreground", "log", "debug")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -344,3 +347,8 @@ def _print_status(st: dict[str, Any]) -> None:
           f"timeouts {st['wait_timeouts']}, errors {st['errors']}")
     if st.get("prefetch"):
         print(f"  prefetch on: prefetched {st['prefetched']}, queued {st['prefetch_pending']}")
+    if st.get("dyad_compat"):
+        service = {True: "this mount serves DYAD's dyad.fetch",
+                   False: "dyad.fetch served by DYAD's module or another mount",
+                   None: "no dyad.fetch service here"}[st.get("dyad_service")]
+        print(f"  C DYAD interop on: {service}")

@@ -21,6 +21,7 @@ from .patterns import translate
 
 ROLES = ("producer", "consumer", "both")
 TRANSPORTS = ("ucx", "tcp")
+DYAD_DTLS = ("FLUX_RPC",)  # the DYAD data transport layers dyadfs speaks (DYAD_DTL_MODE)
 DEFAULT_NAMESPACE = "dyadfs"
 
 
@@ -59,6 +60,8 @@ class Config:
     async_publish: bool = False
     key_depth: int = 3
     key_bins: int = 1024
+    dyad_compat: bool = False  # C DYAD interop (Flux only): DYAD's keys, dyad.fetch both ways
+    dyad_dtl: str = "FLUX_RPC"
     foreground: bool = False
     log: Path | None = None
     debug: bool = False
@@ -93,7 +96,7 @@ _FIELDS: dict[str, tuple[str, str | None, str]] = {
     "fetch_timeout": ("DYADFS_FETCH_TIMEOUT", None, "seconds"),
     "term_grace": ("DYADFS_TERM_GRACE", None, "seconds"),
     "kvs": ("DYADFS_KVS", None, "kvs"),
-    "transport": ("DYADFS_TRANSPORT", "DYAD_DTL_MODE", "transport"),
+    "transport": ("DYADFS_TRANSPORT", None, "transport"),
     "listen": ("DYADFS_LISTEN", None, "str"),
     "verify": ("DYADFS_VERIFY", None, "bool"),
     "ucx_threshold": ("DYADFS_UCX_THRESHOLD", None, "size0"),
@@ -101,6 +104,8 @@ _FIELDS: dict[str, tuple[str, str | None, str]] = {
     "async_publish": ("DYADFS_ASYNC_PUBLISH", "DYAD_ASYNC_PUBLISH", "bool"),
     "key_depth": ("DYADFS_KEY_DEPTH", "DYAD_KEY_DEPTH", "int"),
     "key_bins": ("DYADFS_KEY_BINS", "DYAD_KEY_BINS", "posint"),
+    "dyad_compat": ("DYADFS_DYAD_COMPAT", None, "onoff"),
+    "dyad_dtl": ("DYADFS_DYAD_DTL", "DYAD_DTL_MODE", "dtl"),
     "log": ("DYADFS_LOG", None, "path"),
     "debug": ("DYADFS_DEBUG", None, "bool"),
 }
@@ -159,11 +164,25 @@ def _choice(choices: tuple[str, ...]) -> Callable[[Any, str], str]:
 
 
 def _transport(raw: Any, source: str) -> str:
-    low = str(raw).lower()
-    if source == "DYAD_DTL_MODE":
-        # DYAD's FLUX_RPC and MARGO have no dyadfs equivalent: plain TCP is the closest.
-        return "ucx" if low == "ucx" else "tcp"
-    return _choice(TRANSPORTS)(low, source)
+    return _choice(TRANSPORTS)(str(raw).lower(), source)
+
+
+def _onoff(raw: Any, source: str) -> bool:
+    low = str(raw).strip().lower() if not isinstance(raw, bool) else ("on" if raw else "off")
+    if low in ("on", "1", "true", "yes"):
+        return True
+    if low in ("off", "0", "false", "no"):
+        return False
+    raise ValueError(f"expected on or off, got {raw!r}")
+
+
+def _dtl(raw: Any, source: str) -> str:
+    """DYAD's DTL names (DYAD_DTL_MODE: UCX, FLUX_RPC, MARGO); dyadfs speaks FLUX_RPC to DYAD.
+    Another one is kept as given: the mount refuses it only if DYAD interop is on."""
+    text = str(raw).strip().upper()
+    if text not in ("UCX", "FLUX_RPC", "MARGO"):
+        raise ValueError(f"expected FLUX_RPC (or DYAD's UCX, MARGO), got {raw!r}")
+    return text
 
 
 def _kvs(raw: Any, source: str) -> str:
@@ -236,7 +255,7 @@ _CONVERTERS: dict[str, Callable[[Any, str], Any]] = {
     "bool": _bool, "role": _choice(ROLES), "transport": _transport, "kvs": _kvs,
     "namespace": _namespace, "seconds": _seconds, "size": _size(True), "size0": _size(False),
     "int": _integer(False), "posint": _integer(True), "path": _path, "str": _str,
-    "patterns": _patterns,
+    "patterns": _patterns, "onoff": _onoff, "dtl": _dtl,
 }
 
 
@@ -279,6 +298,7 @@ def build(mountpoint: str | os.PathLike[str], options: Mapping[str, Any] | None 
         values["transport_defaulted"] = True
     if "kvs" not in values and env.get("FLUX_URI"):
         values["kvs"] = "flux"
+    _dyad_interop(values)
     backing = values.get("backing")
     if backing is not None:
         values["backing"] = Path(os.path.abspath(backing))
@@ -291,11 +311,31 @@ def build(mountpoint: str | os.PathLike[str], options: Mapping[str, Any] | None 
     return Config(**values)
 
 
+def _dyad_interop(values: dict[str, Any]) -> None:
+    """--dyad-compat: on by default with the Flux KVS (the only one C DYAD shares), and then
+    only with a DTL dyadfs speaks to DYAD."""
+    flux = values.get("kvs") == "flux"
+    compat = values.setdefault("dyad_compat", flux)
+    if not compat:
+        return
+    if not flux:
+        raise ConfigError("--dyad-compat on: C DYAD shares only a Flux KVS (use --kvs flux, "
+                          "or --dyad-compat off)")
+    dtl = values.get("dyad_dtl", "FLUX_RPC")
+    if dtl not in DYAD_DTLS:
+        raise ConfigError(f"DYAD_DTL_MODE={dtl}: dyadfs speaks only DYAD's FLUX_RPC data "
+                          "transport (set DYAD_DTL_MODE=FLUX_RPC for DYAD's clients and module "
+                          "too, or mount with --dyad-compat off)")
+
+
 def _role_from_dyad(mp: Path, env: Mapping[str, str]) -> str:
-    """DYAD names the managed directories instead of roles: map them onto ours."""
+    """DYAD names the managed directories instead of roles: map them onto ours. DYAD resolves
+    them with realpath (symlinks too), and so does this."""
+    real = os.path.realpath(mp)
+
     def same(var: str) -> bool:
         value = env.get(var)
-        return value is not None and value != "" and Path(os.path.abspath(value)) == mp
+        return value is not None and value != "" and os.path.realpath(value) == real
 
     producer, consumer = same("DYAD_PATH_PRODUCER"), same("DYAD_PATH_CONSUMER")
     if producer and not consumer:

@@ -16,14 +16,14 @@ import logging
 import os
 import stat as stat_mod
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import trio
 from pyfuse3 import FUSEError
 
 from . import intent
 from .errors import DyadfsError, FetchError, WaitTimeout
-from .keys import FileRecord
+from .keys import DyadOwner, FileRecord
 from .paths import parent_of, show
 from .patterns import matcher
 
@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 #: how often a waiting open checks that its caller still wants the answer (seconds)
 CALLER_CHECK = 0.25
+
+_T = TypeVar("_T")
 
 #: what a lookup of a name missing from the backing answers: a kind ("file", "dir") and the
 #: published record (None: provisional, or a directory), or "waited": look in the backing again
@@ -85,7 +87,9 @@ class Consumer:
             if rest and self._stat_waits(rel + b"/" + rest):
                 return "dir", None  # on the way to a name worth waiting for
             if self._stat_waits(rel):
-                await self.wait_published(rel, pid, "stat")
+                pub = await self.wait_published(rel, pid, "stat")
+                if isinstance(pub, DyadOwner) and not self.cfg.shared_storage:
+                    await self._pull_dyad(rel, pub, pid)
                 return "waited", None
         raise FUSEError(errno.ENOENT)
 
@@ -190,7 +194,11 @@ class Consumer:
         if st is not None and self._current(rel, rec):
             return None
         if rec is None:
-            rec = await self.wait_published(rel, pid)
+            pub = await self.wait_published(rel, pid)
+            if isinstance(pub, DyadOwner):
+                await self._pull_dyad(rel, pub, pid)
+                return None
+            rec = pub
             if rec.owner == self.catalog.mount_id:
                 return None
         return await self._pull(rel, rec, pid)
@@ -243,8 +251,9 @@ class Consumer:
                 pid, self.catalog.wait_not_writing(rel, self.cfg.wait_timeout), rel)
             return
         # Not there: wait for a publication whose file is there too (the backing is the
-        # truth; a record without its file is stale, from an earlier run).
-        await self.until_caller_dies(pid, self.catalog.wait_complete(
+        # truth; a record without its file is stale, from an earlier run). C DYAD's key
+        # counts: it is written at the close, so the file is whole; nothing to pull.
+        await self.until_caller_dies(pid, self.catalog.wait_published(
             rel, self.cfg.wait_timeout, also=lambda: self.backing.exists(rel)), rel)
 
     def opened(self, handle: Handle, local_writers: bool) -> None:
@@ -274,15 +283,24 @@ class Consumer:
             self.puller.cache.forget(rel)
 
     # -- waiting -----------------------------------------------------------------------------
-    async def wait_published(self, rel: bytes, pid: int, what: str = "open") -> FileRecord:
+    async def wait_published(self, rel: bytes, pid: int,
+                             what: str = "open") -> FileRecord | DyadOwner:
+        """Until *rel* is published: by a dyadfs mount (its record), or, with DYAD interop, by
+        C DYAD (DYAD's key and no record: the rank that serves it)."""
         assert self.catalog is not None
-        rec = await self.until_caller_dies(
-            pid, self.catalog.wait_complete(rel, self.cfg.wait_timeout), rel, what)
-        assert rec is not None
-        return rec
+        return await self.until_caller_dies(
+            pid, self.catalog.wait_published(rel, self.cfg.wait_timeout), rel, what)
 
-    async def until_caller_dies(self, pid: int, wait: Awaitable[FileRecord | None],
-                                rel: bytes, what: str = "open") -> FileRecord | None:
+    async def _pull_dyad(self, rel: bytes, owner: DyadOwner, pid: int) -> None:
+        """Pull a file C DYAD published from its rank's dyad.fetch; the open reads it once
+        whole (DYAD sends it in one message: nothing to stream)."""
+        if self.puller is None:
+            raise DyadfsError(f"{os.fsdecode(rel)} is published by C DYAD and this mount "
+                              "has no transport to pull it", errno.EIO)
+        await self.until_caller_dies(pid, self.puller.pull_dyad(rel, owner.rank), rel)
+
+    async def until_caller_dies(self, pid: int, wait: Awaitable[_T], rel: bytes,
+                                what: str = "open") -> _T:
         """Run *wait*, dropped if the process that asked is killed or interrupted first.
 
         Once the daemon has read a request, the kernel keeps even a SIGKILLed caller in the
@@ -290,7 +308,7 @@ class Consumer:
         caller's pending signals are watched: a deliverable one ends the wait with EINTR, after
         which the signal takes effect (a killed ``cat`` dies, Python raises KeyboardInterrupt).
         """
-        result: list[FileRecord | None] = []
+        result: list[_T] = []
         failure: list[Exception] = []
         self.stats.waiting += 1
         try:

@@ -91,6 +91,25 @@ def dyad_key(upath: str, depth: int = 3, bins: int = 1024) -> str:
     return "".join(parts) + upath
 
 
+@dataclass(frozen=True)
+class DyadOwner:
+    """A file C DYAD published: DYAD's key holds only its producer's broker rank (no size, no
+    version, no owner mount)."""
+
+    rank: int
+
+
+def dyad_owner(raw: bytes, where: str) -> DyadOwner:
+    """The rank in the value of DYAD's key (a JSON integer); KVSError if it is not one."""
+    try:
+        rank = _JSON.decode(raw.decode())
+    except (ValueError, UnicodeDecodeError):
+        rank = None
+    if type(rank) is not int or rank < 0:
+        raise KVSError(f"DYAD's key {where!r} does not hold a broker rank: {_show(raw)}")
+    return DyadOwner(rank)
+
+
 def file_key(path: str) -> str:
     return FILES + path
 

@@ -160,6 +160,7 @@ class Mount:
         self.puller: Puller | None = None
         self.server: FileServer | None = None
         self.prefetcher: Prefetcher | None = None
+        self.dyad_service: Any = None  # dyad.DyadService (imported only with --dyad-compat)
         self._terminated = False
         self._kernel_unmounted = False
 
@@ -183,6 +184,9 @@ class Mount:
             "same_host": c.same_host, "served": s.served,
             "bytes_served": s.bytes_served, "errors": s.errors,
             "unexpected_errors": s.unexpected,
+            "dyad_compat": c.dyad_compat,
+            "dyad_service": None if self.dyad_service is None else
+            self.dyad_service.registered,
         }
 
     def run(self) -> None:
@@ -213,7 +217,7 @@ class Mount:
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(kvs.aclose)
             await kvs.ensure_namespace(c.namespace, create=True)
-            catalog = Catalog(kvs, c.namespace, self.mount_id, dyad_keys=kvs.name == "flux",
+            catalog = Catalog(kvs, c.namespace, self.mount_id, dyad_keys=c.dyad_compat,
                               rank=getattr(kvs, "rank", None), key_depth=c.key_depth,
                               key_bins=c.key_bins)
             nursery = await stack.enter_async_context(trio.open_nursery())
@@ -225,6 +229,8 @@ class Mount:
             ops.attach(nursery)
             if self.server is not None:
                 self.server.vouch = ops.producer.vouch
+            if c.dyad_compat:
+                await self._start_dyad(nursery, puller)
             if puller is not None and c.prefetch:
                 self.prefetcher = Prefetcher(c, root_fd, catalog, puller)
                 await nursery.start(self.prefetcher.run)
@@ -299,6 +305,19 @@ class Mount:
         self.puller = puller
         log.info("serving on %s (%s), tcp %s", transport.address, transport.name, tcp.address)
         return puller
+
+    async def _start_dyad(self, nursery: trio.Nursery, puller: Puller | None) -> None:
+        """C DYAD interop (--dyad-compat): pull what C DYAD publishes through its dyad.fetch,
+        and serve this mount's files to C DYAD consumers through the same service on this
+        broker, unless DYAD's own module holds it. Not with shared storage: there nothing
+        moves, and DYAD's key (written with each publication) is all a C consumer waits for."""
+        from .dyad import DyadClient, DyadService  # imports flux
+
+        if puller is not None:
+            puller.dyad = DyadClient()
+        if self.server is not None and self.config.publishes:
+            self.dyad_service = DyadService(self.server.whole_file)
+            await nursery.start(self.dyad_service.run)
 
     async def _unregister(self, key: str) -> None:
         assert self.kvs is not None

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from .backing import Backing
     from .catalog import Catalog
     from .config import Config
+    from .dyad import DyadClient
     from .stats import Stats
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,18 @@ log = logging.getLogger(__name__)
 #: errors of this node's own storage: no owner can help, the reader hears them as they are
 _LOCAL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 _PASSED_ON = (*_LOCAL, errno.ESTALE)
+
+#: the version a copy pulled from C DYAD is marked with: DYAD has none (dyadfs' versions are
+#: wall-clock nanoseconds, never 0), so any dyadfs publication of the name differs from it
+DYAD_VERSION = 0
+
+
+class _DyadPull:
+    """One pull from C DYAD's dyad.fetch, shared by every open of the name meanwhile."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.error: DyadfsError | None = None
 
 
 class Pull:
@@ -135,6 +148,9 @@ class Puller:
         self._pulls: dict[bytes, Pull] = {}
         self._nursery: trio.Nursery | None = None
         self._owners: dict[str, MountRecord] = {}
+        self._dyad_pulls: dict[bytes, _DyadPull] = {}
+        #: the client of C DYAD's dyad.fetch (--dyad-compat; set by the mount)
+        self.dyad: DyadClient | None = None
         backing.makedirs(TMP_DIR)
         tmp_fd = backing.open_dir(TMP_DIR)
         try:
@@ -186,6 +202,82 @@ class Puller:
         else:
             await pull.wait_started()
         return pull
+
+    # -- files C DYAD published -------------------------------------------------------------
+    async def pull_dyad(self, rel: bytes, rank: int) -> None:
+        """Until *rel*, published by C DYAD on broker *rank*, is here complete: single flight,
+        the same install rules as a dyadfs pull (a temporary file in .dyadfs/tmp, allocated
+        before the bytes land, renamed into place only whole, never over a local change)."""
+        if self.dyad is None:
+            raise FetchError(f"{show(rel)} is published by C DYAD, and DYAD interop is off",
+                             errno.EIO)
+        flight = self._dyad_pulls.get(rel)
+        if flight is None:
+            flight = self._dyad_pulls[rel] = _DyadPull()
+            assert self._nursery is not None
+            self._nursery.start_soon(self._run_dyad, rel, rank, flight)
+        await flight.done.wait()
+        if flight.error is not None:
+            raise flight.error
+
+    async def _run_dyad(self, rel: bytes, rank: int, flight: _DyadPull) -> None:
+        self.stats.pulling += 1
+        t0 = time.monotonic()
+        try:
+            size = await self._transfer_dyad(rel, rank)
+        except (DyadfsError, OSError) as e:
+            self.stats.errors += 1
+            err = e.errno if e.errno in _LOCAL else errno.EIO
+            why = str(e) if isinstance(e, DyadfsError) else e.strerror or str(e)
+            log.error("pull of %s from C DYAD (rank %d) failed: %s", show(rel), rank, why)
+            flight.error = FetchError(f"pull of {show(rel)} from C DYAD failed: {why}",
+                                      err or errno.EIO)
+        else:
+            if size is not None:
+                self.stats.pulled += 1
+                self.stats.bytes_pulled += size
+                log.debug("pulled %s (%d B) from C DYAD on rank %d in %.3f s", show(rel),
+                          size, rank, time.monotonic() - t0)
+                self.cache.evict()
+                self.cache.room()
+        finally:
+            self.stats.pulling -= 1
+            del self._dyad_pulls[rel]
+            flight.done.set()
+
+    async def _transfer_dyad(self, rel: bytes, rank: int) -> int | None:
+        """Fetch *rel* into a temporary file and install it: its size, or None if something
+        made here meanwhile wins (the temporary file goes either way unless installed)."""
+        assert self.dyad is not None
+        tmp = TMP_DIR + b"/" + secrets.token_hex(8).encode()
+        fd = self.backing.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        installed = False
+        try:
+            epoch = self.cache.epoch(rel)
+            size = await self.dyad.fetch(rank, os.fsdecode(rel), fd, self.cfg.fetch_timeout)
+            if size == 0:
+                # DYAD cannot move a 0-byte file; an empty answer is no proof of one
+                raise FetchError(f"rank {rank}'s dyad.fetch answered no bytes", errno.EIO)
+            os.fchmod(fd, 0o644)
+            Cache.mark(fd, DYAD_VERSION)
+            if self.cache.epoch(rel) != epoch or self.backing.lstat_or_none(rel):
+                log.info("pulled %s from C DYAD, but it was made here meanwhile: not "
+                         "installed", show(rel))
+                return None
+            parent = parent_of(rel)
+            if parent != b".":
+                self.backing.makedirs(parent)
+            self.backing.rename(tmp, rel)
+            installed = True
+            self.cache.installed(rel, DYAD_VERSION, size, prefetched=False)
+            return size
+        finally:
+            os.close(fd)
+            if not installed:
+                try:
+                    self.backing.unlink(tmp)
+                except FileNotFoundError:
+                    pass
 
     async def raw_fetch(self, owner: str, size: int) -> float:
         """Seconds to move *size* bytes from *owner*'s memory to here, without files: the

@@ -14,6 +14,8 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import trio
+
 from .errors import DyadfsError, FetchError
 from .transport.protocol import Request, Served, check_secret, open_beneath, refuse
 
@@ -74,6 +76,35 @@ class FileServer:
         return Served(fd=fd, size=st.st_size, verify=req.verify, _st=st,
                       changed=lambda: vouch(os.fstat(fd), rec))
 
+    async def whole_file(self, upath: str) -> bytes:
+        """DYAD's ``dyad.fetch`` (:mod:`dyadfs.dyad`): the whole published file at *upath*,
+        with the checks of :meth:`handle` but the secret (C DYAD has none: Flux's own
+        authentication admits the requester): no ``..``, absolute path or symlink on the way,
+        only a file this mount published, in its published version, unchanged while read.
+        FetchError with the errno the requester gets."""
+        rel = os.fsencode(upath)
+        try:
+            fd = open_beneath(self.root_fd, rel)  # the path's checks come first
+        except OSError as e:
+            raise FetchError(e.strerror or str(e), e.errno or errno.EIO) from None
+        try:
+            rec = await self.catalog.get(rel)
+            if rec is None or not rec.complete or rec.kind != "file" or \
+                    rec.owner != self.catalog.mount_id:
+                raise FetchError("not published by this mount", errno.ENOENT)
+            why = self.vouch(os.fstat(fd), rec)
+            if why is not None:
+                raise FetchError(why, errno.ESTALE)
+            data = await trio.to_thread.run_sync(_read_all, fd, rec.size)
+            why = self.vouch(os.fstat(fd), rec)  # rewritten while it was read: torn
+            if why is not None or len(data) != rec.size:
+                raise FetchError(why or "the file changed while it was read", errno.ESTALE)
+        finally:
+            os.close(fd)
+        self.stats.served += 1
+        self.stats.bytes_served += len(data)
+        return data
+
     @staticmethod
     def _raw(req: Request) -> Served:
         """``dyadfs bench``: zeros from memory, the transport's own limit."""
@@ -82,3 +113,16 @@ class FileServer:
         fd = os.memfd_create("dyadfs-raw")
         os.ftruncate(fd, req.raw)
         return Served(fd=fd, size=req.raw, _st=os.fstat(fd))
+
+
+def _read_all(fd: int, size: int) -> bytes:
+    """Up to *size* bytes of *fd* from offset 0 (fewer if it is shorter now)."""
+    buf = bytearray(size)
+    view = memoryview(buf)
+    done = 0
+    while done < size:
+        n = os.preadv(fd, [view[done:]], done)
+        if n == 0:
+            break
+        done += n
+    return bytes(view[:done])

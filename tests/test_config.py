@@ -57,8 +57,6 @@ def test_sizes_and_flux_default(tmp_path: Path) -> None:
     assert config.parse_size("4096") == 4096
     assert config.build(tmp_path, {}, env={"FLUX_URI": "local:///x"}).kvs == "flux"
     assert config.build(tmp_path, {"kvs": "local:/x/y.db"}, env={}).kvs_path == Path("/x/y.db")
-    assert config.build(tmp_path, {}, env={"DYAD_DTL_MODE": "UCX"}).transport == "ucx"
-    assert config.build(tmp_path, {}, env={"DYAD_DTL_MODE": "FLUX_RPC"}).transport == "tcp"
 
 
 def test_state_dir_override(tmp_path: Path) -> None:
@@ -80,3 +78,40 @@ def test_default_transport_is_ucx_only_with_rdma(tmp_path: Path,
     assert c.transport == ("ucx" if have_ucxx else "tcp")
     c = config.build(tmp_path, {"transport": "ucx", "same_host": "off"}, env={})
     assert (c.transport, c.transport_defaulted, c.same_host) == ("ucx", False, False)
+
+
+def test_dyad_compat_defaults_and_dtl(tmp_path: Path) -> None:
+    flux = {"FLUX_URI": "local:///x"}
+    assert config.build(tmp_path, {}, env=flux).dyad_compat is True  # on with Flux
+    assert config.build(tmp_path, {}, env={}).dyad_compat is False  # off without
+    assert config.build(tmp_path, {"dyad_compat": "off"}, env=flux).dyad_compat is False
+    assert config.build(tmp_path, {}, env={**flux, "DYADFS_DYAD_COMPAT": "off"}).dyad_compat \
+        is False
+    assert config.build(tmp_path, {}, env={**flux, "DYAD_DTL_MODE": "flux_rpc"}).dyad_dtl == \
+        "FLUX_RPC"
+    # DYAD's DTL no longer picks dyadfs' own transport
+    assert config.build(tmp_path, {"transport": "tcp"},
+                        env={"DYAD_DTL_MODE": "UCX"}).transport == "tcp"
+    with pytest.raises(ConfigError, match="DYAD_DTL_MODE=UCX: dyadfs speaks only"):
+        config.build(tmp_path, {}, env={**flux, "DYAD_DTL_MODE": "UCX"})
+    # ... unless interop is off: then DYAD's DTL does not matter
+    assert config.build(tmp_path, {"dyad_compat": "off"},
+                        env={**flux, "DYAD_DTL_MODE": "UCX"}).dyad_compat is False
+    with pytest.raises(ConfigError, match="--dyad-compat on: C DYAD shares only a Flux KVS"):
+        config.build(tmp_path, {"dyad_compat": "on"}, env={})
+    with pytest.raises(ConfigError, match="--dyad-compat: expected on or off"):
+        config.build(tmp_path, {"dyad_compat": "maybe"}, env=flux)
+    with pytest.raises(ConfigError, match="DYAD_DTL_MODE: expected FLUX_RPC"):
+        config.build(tmp_path, {}, env={**flux, "DYAD_DTL_MODE": "PIGEON"})
+
+
+def test_dyad_paths_resolved_like_dyad(tmp_path: Path) -> None:
+    """DYAD resolves DYAD_PATH_PRODUCER / _CONSUMER with realpath: a symlink naming the
+    mount point names it."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    assert config.build(real, {}, env={"DYAD_PATH_PRODUCER": str(tmp_path / "link")}).role == \
+        "producer"
+    assert config.build(tmp_path / "link", {},
+                        env={"DYAD_PATH_CONSUMER": str(real / ".." / "real")}).role == "consumer"

@@ -5,7 +5,7 @@ import re
 import pytest
 
 from dyadfs.errors import KVSError
-from dyadfs.keys import FileRecord, MountRecord, dyad_key
+from dyadfs.keys import DyadOwner, FileRecord, MountRecord, dyad_key, dyad_owner
 
 VECTORS = {
     "data0.txt": "17f.204.15b.data0.txt",
@@ -97,3 +97,12 @@ def test_malformed_values_are_clear_errors(raw: bytes, message: str) -> None:
 def test_mount_record_round_trip() -> None:
     rec = MountRecord("h", 1, "/d", "tcp", "10.0.0.1:5", 1.5, None)
     assert MountRecord.decode(rec.encode(), "k") == rec
+
+
+def test_dyad_owner_is_a_broker_rank() -> None:
+    """DYAD's key holds a JSON integer (flux_kvs_txn_pack "i"); dyadfs writes the same text."""
+    assert dyad_owner(b"0", "k") == DyadOwner(0)
+    assert dyad_owner(b"17", "k") == DyadOwner(17)
+    for bad in (b"-1", b"1.5", b"true", b'"3"', b"", b"\xff", b"[0]"):
+        with pytest.raises(KVSError, match="does not hold a broker rank"):
+            dyad_owner(bad, "k")

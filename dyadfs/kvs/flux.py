@@ -254,6 +254,9 @@ class FluxKVS(KVS):
         self._uri = uri
         self._local = threading.local()
         self._waiters = trio.CapacityLimiter(512)
+        # Waits on DYAD's keys (--dyad-compat: beside the wait on a dyadfs record, for the same
+        # open) take threads of their own, so they never halve how many opens can wait.
+        self._dyad_waiters = trio.CapacityLimiter(512)
         self._gen: dict[tuple[str, str], _Gen] = {}
         self._gen_lock = threading.Lock()
         self._nursery: trio.Nursery | None = None
@@ -739,8 +742,9 @@ class FluxKVS(KVS):
 
         try:
             with trio.move_on_at(deadline):
+                limiter = self._waiters if fkey.startswith(_ROOT) else self._dyad_waiters
                 if await trio.to_thread.run_sync(watch, abandon_on_cancel=True,
-                                                 limiter=self._waiters):
+                                                 limiter=limiter):
                     return found[0]
         finally:
             stop.set()
