@@ -133,13 +133,15 @@ def test_peer_dyadfs_side(state_env: dict[str, str]) -> None:
                 if "dyadfs-peer-" in line}
 
     before, mounted_before = set(Path("/dev/shm").glob("dyadfs-peer-*")), peer_mounts()
-    res = peer.peer_figures(None, state_env, TINY, ["tcp"])
+    res = peer.peer_figures(None, state_env, TINY, ["local", "tcp"])
     cols = res["columns"]
-    assert set(cols) == {"dyad_ucx", "dyad_flux_rpc", "dyadfs_tcp"}
+    assert set(cols) == {"dyad_ucx", "dyad_flux_rpc", "dyadfs_local", "dyadfs_tcp"}
     assert cols["dyad_ucx"]["skipped"] == peer.NO_PEER
+    _check_column(cols["dyadfs_local"], TINY)
     _check_column(cols["dyadfs_tcp"], TINY)
     table = peer_table(res)
-    assert "| dyadfs, tcp |" in table and " ms |" in table and "skipped" in table
+    assert "| dyadfs, defaults (same host) | dyadfs, tcp (--same-host off) |" in table
+    assert " ms |" in table and "skipped" in table
     assert peer_mounts() <= mounted_before  # another run's may be there
     assert set(Path("/dev/shm").glob("dyadfs-peer-*")) <= before  # removed its directories
 
