@@ -137,3 +137,13 @@ def fallocate(fd: int, size: int) -> bool:
     if e in (errno.EOPNOTSUPP, errno.ENOSYS):
         return False
     raise OSError(e, os.strerror(e))
+
+
+def check_room(fd: int, size: int) -> None:
+    """ENOSPC unless the file system of *fd* has *size* bytes free (for this user: root may
+    use the blocks reserved for it)."""
+    st = os.fstatvfs(fd)
+    free = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+    if free < size:
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: {size} bytes needed, "
+                      f"{free} free")

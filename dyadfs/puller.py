@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from . import keys
-from .backing import fallocate
+from .backing import check_room, fallocate
 from .cache import Cache
 from .errors import DyadfsError, FetchError
 from .hashing import sha256_fd
@@ -84,6 +84,7 @@ class Pull:
         self.done = False
         self.error: DyadfsError | None = None
         self.wanted = False  # an open asked for it (else only the prefetcher did)
+        self.reserved = False  # the file's blocks are allocated (fallocate)
         self._changed = trio.Event()
 
     def _wake(self) -> None:
@@ -409,7 +410,8 @@ class Puller:
             pull.progress(n)
             scope.deadline = trio.current_time() + self.cfg.fetch_timeout
 
-        sink = Sink(pull.fd, lambda n: self._sized(pull, sink, n), arrived)
+        reserve = transport is not self.local
+        sink = Sink(pull.fd, lambda n: self._sized(pull, sink, n, reserve), arrived)
         try:
             with scope:
                 await transport.fetch(address, req, sink)
@@ -430,17 +432,23 @@ class Puller:
             return "checksum mismatch", progressed
         return None, progressed
 
-    def _sized(self, pull: Pull, sink: Sink, n: int) -> None:
+    def _sized(self, pull: Pull, sink: Sink, n: int, reserve: bool = True) -> None:
         if n != pull.rec.size:
             raise FetchError(f"owner announced {n} bytes, published {pull.rec.size}",
                              errno.ESTALE)
-        if pull.size is None:
+        if reserve and not pull.reserved:
             # Every block now: a full disk is ENOSPC here, not a SIGBUS in a map later.
-            sink.preallocated = fallocate(pull.fd, n)
-            if not sink.preallocated:
+            pull.reserved = fallocate(pull.fd, n)
+            if not pull.reserved:
                 os.ftruncate(pull.fd, n)
-        else:
-            sink.preallocated = True  # allocated by the first attempt
+        elif pull.size is None:
+            # Same host: the kernel copies into the file (copy_file_range), nothing maps it,
+            # and a disk that fills meanwhile is the copy's ENOSPC. A disk already too full is
+            # ENOSPC here, at once. (Allocating first would cost as much as the copy on tmpfs,
+            # which zeroes every page it allocates, and delay the first byte by as much.)
+            check_room(pull.fd, n)
+            os.ftruncate(pull.fd, n)
+        sink.preallocated = pull.reserved
         pull.received = 0
         pull.sized(n)
 
