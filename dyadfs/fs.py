@@ -144,6 +144,7 @@ class Operations(pyfuse3.Operations):
     # -- lookup --------------------------------------------------------------------------
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self.stats.fuse_lookups += 1
         parent = self.nodes.get(parent_inode)
         if name == b"." or name == b"..":
             raise FUSEError(errno.ENOENT)  # supports_dot_lookup is off: never asked
@@ -171,6 +172,7 @@ class Operations(pyfuse3.Operations):
 
     # -- attributes ----------------------------------------------------------------------
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self.stats.fuse_getattrs += 1
         return await self._getattr(self.nodes.get(inode))
 
     async def _getattr(self, node: Node) -> pyfuse3.EntryAttributes:

@@ -181,6 +181,7 @@ class Mount:
             "bytes_pulled": s.bytes_pulled, "served": s.served,
             "bytes_served": s.bytes_served, "errors": s.errors,
             "unexpected_errors": s.unexpected,
+            "fuse_lookups": s.fuse_lookups, "fuse_getattrs": s.fuse_getattrs,
         }
 
     def run(self) -> None:
