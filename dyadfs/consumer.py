@@ -40,9 +40,11 @@ log = logging.getLogger(__name__)
 #: how often a waiting open checks that its caller still wants the answer (seconds)
 CALLER_CHECK = 0.25
 
-#: what a lookup of a name missing from the backing answers: a kind ("file", "dir") and the
-#: published record (None: provisional, or a directory), or "waited": look in the backing again
-Missing = tuple[str, FileRecord | None]
+#: what a lookup of a name missing from the backing answers: a kind ("file", "dir"), the
+#: published record (None: provisional, or a directory) and whether the name is published (a
+#: record, or a directory of the index; else provisional), or "waited": look in the backing
+#: again
+Missing = tuple[str, FileRecord | None, bool]
 
 
 class Consumer:
@@ -68,10 +70,10 @@ class Consumer:
         rec = await self.catalog.get(rel)
         if rec is not None and rec.complete:
             if rec.kind != "file" and self._make_here(rel, rec):
-                return "waited", None  # made: look in the backing again
-            return rec.kind, rec
+                return "waited", None, False  # made: look in the backing again
+            return rec.kind, rec, True
         if await self.catalog.is_directory(rel):
-            return "dir", None
+            return "dir", None, True
         if self._never_waits(rel):
             raise FUSEError(errno.ENOENT)
         call = intent.caller(pid)
@@ -79,14 +81,14 @@ class Consumer:
             return self._unknown_intent(rel, pid)
         if call.intent is intent.Intent.READ:
             where = intent.role_of(name, rel, call.path)
-            return ("dir" if where == "dir" else "file"), None
+            return ("dir" if where == "dir" else "file"), None, False
         if call.intent is intent.Intent.STAT:
             rest = intent.rest_of(name, rel, call.path)
             if rest and self._stat_waits(rel + b"/" + rest):
-                return "dir", None  # on the way to a name worth waiting for
+                return "dir", None, False  # on the way to a name worth waiting for
             if self._stat_waits(rel):
                 await self.wait_published(rel, pid, "stat")
-                return "waited", None
+                return "waited", None, False
         raise FUSEError(errno.ENOENT)
 
     def _unknown_intent(self, rel: bytes, pid: int) -> Missing:
@@ -102,7 +104,7 @@ class Consumer:
                         "ENOENT at once, but for names matching --wait-on-stat, whose open "
                         "waits", pid)
         if self._stat_waits(rel):
-            return "file", None
+            return "file", None, False
         raise FUSEError(errno.ENOENT)
 
     async def stale(self, rel: bytes, st: os.stat_result) -> bool:
@@ -163,6 +165,13 @@ class Consumer:
         """The published record of *rel* (the attributes of a provisional file)."""
         assert self.catalog is not None
         return await self.catalog.get(rel)
+
+    async def is_published_dir(self, rel: bytes) -> bool:
+        """Whether *rel*, not in the backing, is a directory of the namespace (not provisional)."""
+        if not self.active:
+            return False
+        assert self.catalog is not None
+        return await self.catalog.is_directory(rel)
 
     async def published_children(self, rel: bytes) -> dict[bytes, FileRecord | None]:
         """Names published directly below directory *rel* (None: a directory)."""

@@ -37,6 +37,7 @@ from .stats import Stats
 if TYPE_CHECKING:
     from .catalog import Catalog
     from .config import Config
+    from .keys import FileRecord
     from .puller import Pull, Puller
 
 log = logging.getLogger(__name__)
@@ -161,10 +162,11 @@ class Operations(pyfuse3.Operations):
             st = self.backing.lstat_or_none(rel)
             if st is not None and not await self.consumer.stale(rel, st):
                 return self.kernel.entry(self.nodes.present(parent, name, st), st)
-            kind, rec = await self.consumer.missing(name, rel, pid)
+            kind, rec, published = await self.consumer.missing(name, rel, pid)
             if kind != "waited":
                 break
-        return self.kernel.synthetic(self.nodes.absent(parent, name, kind), kind, rec)
+        return self.kernel.synthetic(self.nodes.absent(parent, name, kind), kind, rec,
+                                     published)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, nlookup in inode_list:
@@ -187,8 +189,11 @@ class Operations(pyfuse3.Operations):
         except FileNotFoundError:
             if node.provisional is None or not self.consumer.active:
                 raise
-        rec = await self.consumer.record(rel) if node.provisional == "file" else None
-        return self.kernel.synthetic(node, node.provisional, rec)
+        if node.provisional == "file":
+            rec = await self.consumer.record(rel)
+            return self.kernel.synthetic(node, "file", rec, rec is not None)
+        published = node.provisional == "dir" and await self.consumer.is_published_dir(rel)
+        return self.kernel.synthetic(node, node.provisional, None, published)
 
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,
@@ -391,19 +396,20 @@ class Operations(pyfuse3.Operations):
         self.consumer.opened(handle, local_writers)
         return self.kernel.file_info(handle, flags, handle.own)
 
-    def _open_read(self, node: Node, fd: int, st: os.stat_result, flags: int) -> Handle:
+    def _open_read(self, node: Node, fd: int, st: os.stat_result, flags: int,
+                   arriving: FileRecord | None = None) -> Handle:
         if node.key is None:
             self.nodes.adopt(node, st)  # a provisional name's file arrived: it is that file
         handle = self.nodes.open_handle(fd, node, flags, publishes=False)
         handle.own = node.key == key_of(st)
         if handle.own:
-            self.kernel.check_told(node, fd)
+            self.kernel.check_told(node, fd, arriving)
         return handle
 
     def _open_stream(self, node: Node, pull: Pull, flags: int) -> pyfuse3.FileInfo:
         """Read the file being pulled; reads wait for their bytes."""
         fd = os.dup(pull.fd)
-        handle = self._open_read(node, fd, os.fstat(fd), flags)
+        handle = self._open_read(node, fd, os.fstat(fd), flags, arriving=pull.rec)
         handle.pull = pull
         return self.kernel.file_info(handle, flags, handle.own)
 
@@ -502,7 +508,8 @@ class Operations(pyfuse3.Operations):
             if name not in entries:
                 kind = "dir" if rec is None else rec.kind
                 child = self.nodes.absent(node, name, kind)
-                entries[name] = (self.kernel.synthetic(child, kind, rec), child)
+                entries[name] = (self.kernel.synthetic(child, kind, rec, published=True),
+                                 child)
         return self.nodes.open_dir(node, [(n, a, c) for n, (a, c) in sorted(entries.items())])
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
