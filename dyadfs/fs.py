@@ -30,7 +30,7 @@ from .errors import DyadfsError
 from .kernel import KernelCache, invalidate, mapped_writable
 from .mountinfo import fuse_device
 from .nodes import ROOT, Handle, Node, Nodes, key_of
-from .paths import HIDDEN, join
+from .paths import HIDDEN
 from .producer import Producer
 from .stats import Stats
 
@@ -44,6 +44,13 @@ log = logging.getLogger(__name__)
 
 _WRITE_MODES = (os.O_WRONLY, os.O_RDWR)
 _OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT
+
+#: reads and writes of at least this many bytes run in a worker thread, so that a slow disk
+#: (Lustre, NFS, a busy device) never stalls the other requests of the mount; smaller ones run
+#: on the loop's thread, where they cost less than the hop to a thread (about 50 us)
+THREAD_IO = 256 * 1024
+#: worker threads for the backing's blocking calls (large reads and writes, listings)
+DISK_THREADS = 8
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -103,6 +110,8 @@ class Operations(pyfuse3.Operations):
         self.consumer = Consumer(config, catalog, puller, self.backing, self.stats)
         self.catalog = catalog
         self._am_root = os.geteuid() == 0
+        #: the named limiter of the worker threads doing the backing's blocking calls
+        self._disk = trio.CapacityLimiter(DISK_THREADS)
         self._device: str | None = None
         #: a signal asked the mount to end: no new writers (see mount.Mount._signals)
         self.draining = False
@@ -441,7 +450,11 @@ class Operations(pyfuse3.Operations):
                 handle.pull = None
             else:
                 await pull.wait_for(min(off + size, pull.size or 0))
-        data = os.pread(handle.fd, size, off)
+        if size >= THREAD_IO:
+            data = await trio.to_thread.run_sync(os.pread, handle.fd, size, off,
+                                                 limiter=self._disk)
+        else:
+            data = os.pread(handle.fd, size, off)
         if handle.opened is not None:
             self.consumer.check_read(handle, self.nodes.rel(handle.node))
         return data
@@ -452,7 +465,11 @@ class Operations(pyfuse3.Operations):
         await self.producer.will_write(handle, self.nodes.rel(node))
         self.producer.changing(node.key)
         try:
-            n = os.pwrite(handle.fd, buf, off)
+            if len(buf) >= THREAD_IO:
+                n = await trio.to_thread.run_sync(os.pwrite, handle.fd, buf, off,
+                                                  limiter=self._disk)
+            else:
+                n = os.pwrite(handle.fd, buf, off)
         except OSError as e:
             self.producer.failed(node.key, self.nodes.rel(node), e)
             raise
@@ -494,16 +511,15 @@ class Operations(pyfuse3.Operations):
         rel = self.nodes.rel(node)
         entries: dict[bytes, tuple[pyfuse3.EntryAttributes, Node]] = {}
         try:
-            names = self.backing.listdir(rel)
+            listing = await trio.to_thread.run_sync(self.backing.scan, rel,
+                                                    limiter=self._disk)
         except FileNotFoundError:
             if node.provisional is None:
                 raise
-            names = []
-        for name in names:
-            st = self.backing.lstat_or_none(join(rel, name))
-            if st is not None:
-                child = self.nodes.present(node, name, st)
-                entries[name] = (self.kernel.entry(child, st), child)
+            listing = []
+        for name, st in listing:
+            child = self.nodes.present(node, name, st)
+            entries[name] = (self.kernel.entry(child, st), child)
         for name, rec in (await self.consumer.published_children(rel)).items():
             if name not in entries:
                 kind = "dir" if rec is None else rec.kind
