@@ -27,7 +27,7 @@ from pyfuse3 import FUSEError
 from .backing import Backing
 from .consumer import Consumer
 from .errors import DyadfsError
-from .kernel import KernelCache, invalidate, mapped_writable
+from .kernel import KernelCache, forget_name, invalidate, mapped_writable
 from .mountinfo import fuse_device
 from .nodes import ROOT, Handle, Node, Nodes, key_of
 from .paths import HIDDEN
@@ -408,7 +408,10 @@ class Operations(pyfuse3.Operations):
     def _open_read(self, node: Node, fd: int, st: os.stat_result, flags: int,
                    arriving: FileRecord | None = None) -> Handle:
         if node.key is None:
+            named = node.told is not None  # a published file's name, which the kernel caches
             self.nodes.adopt(node, st)  # a provisional name's file arrived: it is that file
+            if named:
+                forget_name(node)
         handle = self.nodes.open_handle(fd, node, flags, publishes=False)
         handle.own = node.key == key_of(st)
         if handle.own:

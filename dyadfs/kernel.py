@@ -171,6 +171,15 @@ class KernelCache:
         return handle.direct and len(handle.node.handles) > 1
 
 
+def forget_name(node: Node) -> None:
+    """Make the kernel look the name of *node* up again at its next use. For a published
+    file's synthetic node, whose name the kernel may cache, once it reads a pulled copy: from
+    then on it is that copy's node, and a newer version must come with a node of its own (see
+    nodes.py), found by a LOOKUP. Asynchronous (pyfuse3's thread): the kernel takes the
+    directory's lock, which a request waiting for this very loop may hold."""
+    pyfuse3.invalidate_entry_async(node.parent, node.name, ignore_enoent=True)
+
+
 def invalidate(node: Node, attr_only: bool = False) -> None:
     """Make the kernel forget what it caches of *node* (its attributes, and its pages unless
     *attr_only*). Dropping pages may wait for a page a READ of ours holds locked: call it from
