@@ -24,6 +24,7 @@ from pyfuse3 import FUSEError
 from . import intent
 from .errors import DyadfsError, FetchError, WaitTimeout
 from .keys import FileRecord
+from .owners import PROBE_EVERY, Owners
 from .paths import parent_of, show
 from .patterns import matcher
 
@@ -59,6 +60,7 @@ class Consumer:
         self._warned_intent = False
         self._stat_waits = matcher(config.wait_on_stat)
         self._never_waits = matcher(config.no_wait)
+        self.owners = Owners(catalog.kvs, catalog.ns) if catalog is not None else None
 
     # -- lookups -----------------------------------------------------------------------------
     async def missing(self, name: bytes, rel: bytes, pid: int) -> Missing:
@@ -249,12 +251,39 @@ class Consumer:
             return  # present, and nobody is writing it
         if rec is not None and not rec.complete:
             await self.until_caller_dies(
-                pid, self.catalog.wait_not_writing(rel, self.cfg.wait_timeout), rel)
+                pid, self.catalog.wait_not_writing(rel, self.cfg.wait_timeout), rel,
+                also=self._writer_gone(rel))
             return
         # Not there: wait for a publication whose file is there too (the backing is the
         # truth; a record without its file is stale, from an earlier run).
         await self.until_caller_dies(pid, self.catalog.wait_complete(
             rel, self.cfg.wait_timeout, also=lambda: self.backing.exists(rel)), rel)
+
+    async def _writer_gone(self, rel: bytes) -> FileRecord | None:
+        """Shared storage: returns once *rel* is no longer marked "writing"; fails with EIO
+        once the mount that marked it has been gone (see :mod:`dyadfs.owners`) for
+        --fetch-timeout: killed mid-write, it will never replace its mark."""
+        assert self.catalog is not None and self.owners is not None
+        gone_since: float | None = None
+        version = None
+        while True:
+            rec = await self.catalog.get(rel)
+            if rec is None or rec.complete:
+                return rec
+            if rec.version != version:  # a new mark: a new writer
+                version, gone_since = rec.version, None
+            why = await self.owners.gone(rec.owner, rec.mtime_ns)
+            now = trio.current_time()
+            if why is None:
+                gone_since = None
+            elif gone_since is None:
+                gone_since = now
+                log.info("%s is marked \"writing\" by %s, which looks gone: %s", show(rel),
+                         rec.owner, why)
+            elif now - gone_since >= self.cfg.fetch_timeout:
+                raise FetchError(f"{show(rel)} is marked \"writing\" by {rec.owner}, gone "
+                                 f"for {self.cfg.fetch_timeout} s ({why})", errno.EIO)
+            await trio.sleep(min(PROBE_EVERY, self.cfg.fetch_timeout / 4))
 
     def opened(self, handle: Handle, local_writers: bool) -> None:
         """Shared storage: remember which bytes a reader opened (see :meth:`check_read`). Not
@@ -291,8 +320,11 @@ class Consumer:
         return rec
 
     async def until_caller_dies(self, pid: int, wait: Awaitable[FileRecord | None],
-                                rel: bytes, what: str = "open") -> FileRecord | None:
+                                rel: bytes, what: str = "open",
+                                also: Awaitable[FileRecord | None] | None = None
+                                ) -> FileRecord | None:
         """Run *wait*, dropped if the process that asked is killed or interrupted first.
+        *also*: a second way for the wait to end (its result or its error), whichever first.
 
         Once the daemon has read a request, the kernel keeps even a SIGKILLed caller in the
         syscall until the answer comes (and pyfuse3 does not pass on FUSE_INTERRUPT), so the
@@ -304,9 +336,9 @@ class Consumer:
         self.stats.waiting += 1
         try:
             async with trio.open_nursery() as nursery:
-                async def waiter() -> None:
+                async def waiter(ending: Awaitable[FileRecord | None]) -> None:
                     try:
-                        result.append(await wait)
+                        result.append(await ending)
                     except Exception as e:  # re-raised below, outside the nursery
                         failure.append(e)
                     nursery.cancel_scope.cancel()
@@ -317,7 +349,9 @@ class Consumer:
                         await trio.sleep(CALLER_CHECK)
                     nursery.cancel_scope.cancel()
 
-                nursery.start_soon(waiter)
+                nursery.start_soon(waiter, wait)
+                if also is not None:
+                    nursery.start_soon(waiter, also)
                 nursery.start_soon(watch)
         finally:
             self.stats.waiting -= 1
