@@ -168,13 +168,6 @@ class Consumer:
         assert self.catalog is not None
         return await self.catalog.get(rel)
 
-    async def is_published_dir(self, rel: bytes) -> bool:
-        """Whether *rel*, not in the backing, is a directory of the namespace (not provisional)."""
-        if not self.active:
-            return False
-        assert self.catalog is not None
-        return await self.catalog.is_directory(rel)
-
     async def published_children(self, rel: bytes) -> dict[bytes, FileRecord | None]:
         """Names published directly below directory *rel* (None: a directory)."""
         if not self.active:

@@ -201,8 +201,9 @@ class Operations(pyfuse3.Operations):
         if node.provisional == "file":
             rec = await self.consumer.record(rel)
             return self.kernel.synthetic(node, "file", rec, rec is not None)
-        published = node.provisional == "dir" and await self.consumer.is_published_dir(rel)
-        return self.kernel.synthetic(node, node.provisional, None, published)
+        # a directory stays what its lookup or listing showed: no KVS read per GETATTR (every
+        # path through an uncached directory costs one)
+        return self.kernel.synthetic(node, node.provisional, None, node.published)
 
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,

@@ -102,6 +102,7 @@ class KernelCache:
         e.st_ino = node.ino
         if kind == "file":
             published = rec is not None and rec.complete
+        node.published = published
         cached = published and kind in ("file", "dir") and self._track and not self._shared
         e.entry_timeout = e.attr_timeout = STABLE_TIMEOUT if cached else 0
         root = self._owner
