@@ -24,6 +24,7 @@ from pyfuse3 import FUSEError
 from . import intent
 from .errors import DyadfsError, FetchError, WaitTimeout
 from .keys import DyadOwner, FileRecord
+from .owners import PROBE_EVERY, Owners
 from .paths import parent_of, show
 from .patterns import matcher
 
@@ -42,9 +43,11 @@ CALLER_CHECK = 0.25
 
 _T = TypeVar("_T")
 
-#: what a lookup of a name missing from the backing answers: a kind ("file", "dir") and the
-#: published record (None: provisional, or a directory), or "waited": look in the backing again
-Missing = tuple[str, FileRecord | None]
+#: what a lookup of a name missing from the backing answers: a kind ("file", "dir"), the
+#: published record (None: provisional, or a directory) and whether the name is published (a
+#: record, or a directory of the index; else provisional), or "waited": look in the backing
+#: again
+Missing = tuple[str, FileRecord | None, bool]
 
 
 class Consumer:
@@ -59,6 +62,7 @@ class Consumer:
         self._warned_intent = False
         self._stat_waits = matcher(config.wait_on_stat)
         self._never_waits = matcher(config.no_wait)
+        self.owners = Owners(catalog.kvs, catalog.ns) if catalog is not None else None
 
     # -- lookups -----------------------------------------------------------------------------
     async def missing(self, name: bytes, rel: bytes, pid: int) -> Missing:
@@ -70,10 +74,10 @@ class Consumer:
         rec = await self.catalog.get(rel)
         if rec is not None and rec.complete:
             if rec.kind != "file" and self._make_here(rel, rec):
-                return "waited", None  # made: look in the backing again
-            return rec.kind, rec
+                return "waited", None, False  # made: look in the backing again
+            return rec.kind, rec, True
         if await self.catalog.is_directory(rel):
-            return "dir", None
+            return "dir", None, True
         if self._never_waits(rel):
             raise FUSEError(errno.ENOENT)
         call = intent.caller(pid)
@@ -81,16 +85,16 @@ class Consumer:
             return self._unknown_intent(rel, pid)
         if call.intent is intent.Intent.READ:
             where = intent.role_of(name, rel, call.path)
-            return ("dir" if where == "dir" else "file"), None
+            return ("dir" if where == "dir" else "file"), None, False
         if call.intent is intent.Intent.STAT:
             rest = intent.rest_of(name, rel, call.path)
             if rest and self._stat_waits(rel + b"/" + rest):
-                return "dir", None  # on the way to a name worth waiting for
+                return "dir", None, False  # on the way to a name worth waiting for
             if self._stat_waits(rel):
                 pub = await self.wait_published(rel, pid, "stat")
                 if isinstance(pub, DyadOwner) and not self.cfg.shared_storage:
                     await self._pull_dyad(rel, pub, pid)
-                return "waited", None
+                return "waited", None, False
         raise FUSEError(errno.ENOENT)
 
     def _unknown_intent(self, rel: bytes, pid: int) -> Missing:
@@ -106,7 +110,7 @@ class Consumer:
                         "ENOENT at once, but for names matching --wait-on-stat, whose open "
                         "waits", pid)
         if self._stat_waits(rel):
-            return "file", None
+            return "file", None, False
         raise FUSEError(errno.ENOENT)
 
     async def stale(self, rel: bytes, st: os.stat_result) -> bool:
@@ -248,13 +252,40 @@ class Consumer:
             return  # present, and nobody is writing it
         if rec is not None and not rec.complete:
             await self.until_caller_dies(
-                pid, self.catalog.wait_not_writing(rel, self.cfg.wait_timeout), rel)
+                pid, self.catalog.wait_not_writing(rel, self.cfg.wait_timeout), rel,
+                also=self._writer_gone(rel))
             return
         # Not there: wait for a publication whose file is there too (the backing is the
         # truth; a record without its file is stale, from an earlier run). C DYAD's key
         # counts: it is written at the close, so the file is whole; nothing to pull.
         await self.until_caller_dies(pid, self.catalog.wait_published(
             rel, self.cfg.wait_timeout, also=lambda: self.backing.exists(rel)), rel)
+
+    async def _writer_gone(self, rel: bytes) -> FileRecord | None:
+        """Shared storage: returns once *rel* is no longer marked "writing"; fails with EIO
+        once the mount that marked it has been gone (see :mod:`dyadfs.owners`) for
+        --fetch-timeout: killed mid-write, it will never replace its mark."""
+        assert self.catalog is not None and self.owners is not None
+        gone_since: float | None = None
+        version = None
+        while True:
+            rec = await self.catalog.get(rel)
+            if rec is None or rec.complete:
+                return rec
+            if rec.version != version:  # a new mark: a new writer
+                version, gone_since = rec.version, None
+            why = await self.owners.gone(rec.owner, rec.mtime_ns)
+            now = trio.current_time()
+            if why is None:
+                gone_since = None
+            elif gone_since is None:
+                gone_since = now
+                log.info("%s is marked \"writing\" by %s, which looks gone: %s", show(rel),
+                         rec.owner, why)
+            elif now - gone_since >= self.cfg.fetch_timeout:
+                raise FetchError(f"{show(rel)} is marked \"writing\" by {rec.owner}, gone "
+                                 f"for {self.cfg.fetch_timeout} s ({why})", errno.EIO)
+            await trio.sleep(min(PROBE_EVERY, self.cfg.fetch_timeout / 4))
 
     def opened(self, handle: Handle, local_writers: bool) -> None:
         """Shared storage: remember which bytes a reader opened (see :meth:`check_read`). Not
@@ -300,8 +331,9 @@ class Consumer:
         await self.until_caller_dies(pid, self.puller.pull_dyad(rel, owner.rank), rel)
 
     async def until_caller_dies(self, pid: int, wait: Awaitable[_T], rel: bytes,
-                                what: str = "open") -> _T:
+                                what: str = "open", also: Awaitable[_T] | None = None) -> _T:
         """Run *wait*, dropped if the process that asked is killed or interrupted first.
+        *also*: a second way for the wait to end (its result or its error), whichever first.
 
         Once the daemon has read a request, the kernel keeps even a SIGKILLed caller in the
         syscall until the answer comes (and pyfuse3 does not pass on FUSE_INTERRUPT), so the
@@ -313,9 +345,9 @@ class Consumer:
         self.stats.waiting += 1
         try:
             async with trio.open_nursery() as nursery:
-                async def waiter() -> None:
+                async def waiter(ending: Awaitable[_T]) -> None:
                     try:
-                        result.append(await wait)
+                        result.append(await ending)
                     except Exception as e:  # re-raised below, outside the nursery
                         failure.append(e)
                     nursery.cancel_scope.cancel()
@@ -326,7 +358,9 @@ class Consumer:
                         await trio.sleep(CALLER_CHECK)
                     nursery.cancel_scope.cancel()
 
-                nursery.start_soon(waiter)
+                nursery.start_soon(waiter, wait)
+                if also is not None:
+                    nursery.start_soon(waiter, also)
                 nursery.start_soon(watch)
         finally:
             self.stats.waiting -= 1

@@ -27,22 +27,30 @@ from pyfuse3 import FUSEError
 from .backing import Backing
 from .consumer import Consumer
 from .errors import DyadfsError
-from .kernel import KernelCache, invalidate, mapped_writable
+from .kernel import KernelCache, forget_name, invalidate, mapped_writable
 from .mountinfo import fuse_device
 from .nodes import ROOT, Handle, Node, Nodes, key_of
-from .paths import HIDDEN, join
+from .paths import HIDDEN
 from .producer import Producer
 from .stats import Stats
 
 if TYPE_CHECKING:
     from .catalog import Catalog
     from .config import Config
+    from .keys import FileRecord
     from .puller import Pull, Puller
 
 log = logging.getLogger(__name__)
 
 _WRITE_MODES = (os.O_WRONLY, os.O_RDWR)
 _OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT
+
+#: reads and writes of at least this many bytes run in a worker thread, so that a slow disk
+#: (Lustre, NFS, a busy device) never stalls the other requests of the mount; smaller ones run
+#: on the loop's thread, where they cost less than the hop to a thread (about 50 us)
+THREAD_IO = 256 * 1024
+#: worker threads for the backing's blocking calls (large reads and writes, listings)
+DISK_THREADS = 8
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -102,6 +110,8 @@ class Operations(pyfuse3.Operations):
         self.consumer = Consumer(config, catalog, puller, self.backing, self.stats)
         self.catalog = catalog
         self._am_root = os.geteuid() == 0
+        #: the named limiter of the worker threads doing the backing's blocking calls
+        self._disk = trio.CapacityLimiter(DISK_THREADS)
         self._device: str | None = None
         #: a signal asked the mount to end: no new writers (see mount.Mount._signals)
         self.draining = False
@@ -144,6 +154,7 @@ class Operations(pyfuse3.Operations):
     # -- lookup --------------------------------------------------------------------------
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self.stats.fuse_lookups += 1
         parent = self.nodes.get(parent_inode)
         if name == b"." or name == b"..":
             raise FUSEError(errno.ENOENT)  # supports_dot_lookup is off: never asked
@@ -160,10 +171,11 @@ class Operations(pyfuse3.Operations):
             st = self.backing.lstat_or_none(rel)
             if st is not None and not await self.consumer.stale(rel, st):
                 return self.kernel.entry(self.nodes.present(parent, name, st), st)
-            kind, rec = await self.consumer.missing(name, rel, pid)
+            kind, rec, published = await self.consumer.missing(name, rel, pid)
             if kind != "waited":
                 break
-        return self.kernel.synthetic(self.nodes.absent(parent, name, kind), kind, rec)
+        return self.kernel.synthetic(self.nodes.absent(parent, name, kind), kind, rec,
+                                     published)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, nlookup in inode_list:
@@ -171,6 +183,7 @@ class Operations(pyfuse3.Operations):
 
     # -- attributes ----------------------------------------------------------------------
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self.stats.fuse_getattrs += 1
         return await self._getattr(self.nodes.get(inode))
 
     async def _getattr(self, node: Node) -> pyfuse3.EntryAttributes:
@@ -185,8 +198,12 @@ class Operations(pyfuse3.Operations):
         except FileNotFoundError:
             if node.provisional is None or not self.consumer.active:
                 raise
-        rec = await self.consumer.record(rel) if node.provisional == "file" else None
-        return self.kernel.synthetic(node, node.provisional, rec)
+        if node.provisional == "file":
+            rec = await self.consumer.record(rel)
+            return self.kernel.synthetic(node, "file", rec, rec is not None)
+        # a directory stays what its lookup or listing showed: no KVS read per GETATTR (every
+        # path through an uncached directory costs one)
+        return self.kernel.synthetic(node, node.provisional, None, node.published)
 
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,
@@ -389,19 +406,23 @@ class Operations(pyfuse3.Operations):
         self.consumer.opened(handle, local_writers)
         return self.kernel.file_info(handle, flags, handle.own)
 
-    def _open_read(self, node: Node, fd: int, st: os.stat_result, flags: int) -> Handle:
+    def _open_read(self, node: Node, fd: int, st: os.stat_result, flags: int,
+                   arriving: FileRecord | None = None) -> Handle:
         if node.key is None:
+            named = node.told is not None  # a published file's name, which the kernel caches
             self.nodes.adopt(node, st)  # a provisional name's file arrived: it is that file
+            if named:
+                forget_name(node)
         handle = self.nodes.open_handle(fd, node, flags, publishes=False)
         handle.own = node.key == key_of(st)
         if handle.own:
-            self.kernel.check_told(node, fd)
+            self.kernel.check_told(node, fd, arriving)
         return handle
 
     def _open_stream(self, node: Node, pull: Pull, flags: int) -> pyfuse3.FileInfo:
         """Read the file being pulled; reads wait for their bytes."""
         fd = os.dup(pull.fd)
-        handle = self._open_read(node, fd, os.fstat(fd), flags)
+        handle = self._open_read(node, fd, os.fstat(fd), flags, arriving=pull.rec)
         handle.pull = pull
         return self.kernel.file_info(handle, flags, handle.own)
 
@@ -433,7 +454,11 @@ class Operations(pyfuse3.Operations):
                 handle.pull = None
             else:
                 await pull.wait_for(min(off + size, pull.size or 0))
-        data = os.pread(handle.fd, size, off)
+        if size >= THREAD_IO:
+            data = await trio.to_thread.run_sync(os.pread, handle.fd, size, off,
+                                                 limiter=self._disk)
+        else:
+            data = os.pread(handle.fd, size, off)
         if handle.opened is not None:
             self.consumer.check_read(handle, self.nodes.rel(handle.node))
         return data
@@ -444,7 +469,11 @@ class Operations(pyfuse3.Operations):
         await self.producer.will_write(handle, self.nodes.rel(node))
         self.producer.changing(node.key)
         try:
-            n = os.pwrite(handle.fd, buf, off)
+            if len(buf) >= THREAD_IO:
+                n = await trio.to_thread.run_sync(os.pwrite, handle.fd, buf, off,
+                                                  limiter=self._disk)
+            else:
+                n = os.pwrite(handle.fd, buf, off)
         except OSError as e:
             self.producer.failed(node.key, self.nodes.rel(node), e)
             raise
@@ -486,21 +515,21 @@ class Operations(pyfuse3.Operations):
         rel = self.nodes.rel(node)
         entries: dict[bytes, tuple[pyfuse3.EntryAttributes, Node]] = {}
         try:
-            names = self.backing.listdir(rel)
+            listing = await trio.to_thread.run_sync(self.backing.scan, rel,
+                                                    limiter=self._disk)
         except FileNotFoundError:
             if node.provisional is None:
                 raise
-            names = []
-        for name in names:
-            st = self.backing.lstat_or_none(join(rel, name))
-            if st is not None:
-                child = self.nodes.present(node, name, st)
-                entries[name] = (self.kernel.entry(child, st), child)
+            listing = []
+        for name, st in listing:
+            child = self.nodes.present(node, name, st)
+            entries[name] = (self.kernel.entry(child, st), child)
         for name, rec in (await self.consumer.published_children(rel)).items():
             if name not in entries:
                 kind = "dir" if rec is None else rec.kind
                 child = self.nodes.absent(node, name, kind)
-                entries[name] = (self.kernel.synthetic(child, kind, rec), child)
+                entries[name] = (self.kernel.synthetic(child, kind, rec, published=True),
+                                 child)
         return self.nodes.open_dir(node, [(n, a, c) for n, (a, c) in sorted(entries.items())])
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:

@@ -2,9 +2,11 @@
 
 Names and attributes on a producer mount change only through it: the kernel caches them
 (:data:`STABLE_TIMEOUT`). On a consumer mount, names come and go with publications (LOOKUP must
-always ask), and files change behind the kernel's back (pulls, a shared backing): a regular
-file's attributes are cached, and OPEN drops them when the file is not what the kernel was told
-(close-to-open: a stale size would cut reads short). ``Node.told`` remembers what it was told.
+always ask, but for files published complete, whose names and attributes are cached like a
+present file's), and files change behind the kernel's back (pulls, a shared backing, newer
+versions): a regular file's attributes are cached, and OPEN drops them when the file is not what
+the kernel was told (close-to-open: a stale size would cut reads short). ``Node.told`` remembers
+what it was told.
 """
 
 from __future__ import annotations
@@ -54,6 +56,14 @@ class KernelCache:
         if self._track and timeout is None and stat_mod.S_ISREG(st.st_mode):
             e.attr_timeout = STABLE_TIMEOUT
             node.told = (st.st_size, st.st_mtime_ns)
+        elif self._track and timeout is None and stat_mod.S_ISDIR(st.st_mode):
+            # Every path through a directory revalidates its name and checks its mode
+            # (permissions): uncached, each path-based call (ls -l: three per name) would
+            # cost a LOOKUP and a GETATTR of it. A directory here goes only through this
+            # mount, but on shared storage, where other nodes may remove or rename it.
+            e.attr_timeout = STABLE_TIMEOUT
+            if not self._shared:
+                e.entry_timeout = STABLE_TIMEOUT
         e.st_mode = st.st_mode
         e.st_nlink = st.st_nlink
         e.st_uid = st.st_uid
@@ -74,14 +84,27 @@ class KernelCache:
             node.told = (e.st_size, e.st_mtime_ns)
         return e
 
-    def synthetic(self, node: Node, kind: str,
-                  rec: FileRecord | None) -> pyfuse3.EntryAttributes:
+    def synthetic(self, node: Node, kind: str, rec: FileRecord | None,
+                  published: bool = False) -> pyfuse3.EntryAttributes:
         """Attributes of a name that is not in the backing: published elsewhere, or
-        provisional. Never cached: the next look asks again."""
+        provisional (*published* False).
+
+        On node-local storage, a file published complete is shown with the published size,
+        mode and mtime, which its pulled copy of that version will have: the kernel may cache
+        the name and these attributes like a present file's (an ``ls -l`` of 100,000 published
+        names then costs no LOOKUP or GETATTR per name), and ``node.told`` remembers them, so
+        that an open that finds a newer version makes the kernel drop them before it answers
+        (:meth:`check_told`). A published directory is cached too (every path through it
+        would otherwise cost a LOOKUP and a GETATTR of it). Provisional names are never
+        cached: a provisional file's size, 0, is not the file's, and the next look asks
+        again."""
         e = pyfuse3.EntryAttributes()
         e.st_ino = node.ino
-        e.entry_timeout = 0
-        e.attr_timeout = 0
+        if kind == "file":
+            published = rec is not None and rec.complete
+        node.published = published
+        cached = published and kind in ("file", "dir") and self._track and not self._shared
+        e.entry_timeout = e.attr_timeout = STABLE_TIMEOUT if cached else 0
         root = self._owner
         e.st_uid, e.st_gid = root.st_uid, root.st_gid
         if kind == "dir":
@@ -102,15 +125,26 @@ class KernelCache:
             t = rec.mtime_ns if rec else root.st_mtime_ns
             e.st_mtime_ns = e.st_ctime_ns = e.st_atime_ns = t
         e.st_blksize = 4096
+        if cached and kind == "file":
+            node.told = (e.st_size, e.st_mtime_ns)
         return e
 
-    def check_told(self, node: Node, fd: int) -> None:
+    def check_told(self, node: Node, fd: int, arriving: FileRecord | None = None) -> None:
         """Drop the kernel's cached attributes of *node* if the file changed since (a pull, a
-        writer on a shared backing). Attributes only: no pages, so no lock to wait for."""
-        if node.told is not None:
+        writer on a shared backing, a newer version than the published one it was shown).
+        Called before OPEN answers, so that every GETATTR of the reader comes after the
+        invalidation (one sent before it would have its answer dropped by the kernel).
+        Attributes only: no pages, so no lock to wait for. *arriving*: the file is being
+        pulled; it is compared with what it will be (see :meth:`entry`)."""
+        if node.told is None:
+            return
+        if arriving is not None:
+            now = (arriving.size, arriving.mtime_ns)
+        else:
             st = os.fstat(fd)
-            if node.told != (st.st_size, st.st_mtime_ns):
-                invalidate(node, attr_only=True)
+            now = (st.st_size, st.st_mtime_ns)
+        if node.told != now:
+            invalidate(node, attr_only=True)
 
     def file_info(self, handle: Handle, flags: int, own: bool = True) -> pyfuse3.FileInfo:
         """How the kernel caches the pages of an open file.
@@ -136,6 +170,15 @@ class KernelCache:
         """Whether a direct write through *handle* may leave stale pages in the kernel: another
         descriptor may hold pages cached before it (``tail -f`` of a log)."""
         return handle.direct and len(handle.node.handles) > 1
+
+
+def forget_name(node: Node) -> None:
+    """Make the kernel look the name of *node* up again at its next use. For a published
+    file's synthetic node, whose name the kernel may cache, once it reads a pulled copy: from
+    then on it is that copy's node, and a newer version must come with a node of its own (see
+    nodes.py), found by a LOOKUP. Asynchronous (pyfuse3's thread): the kernel takes the
+    directory's lock, which a request waiting for this very loop may hold."""
+    pyfuse3.invalidate_entry_async(node.parent, node.name, ignore_enoent=True)
 
 
 def invalidate(node: Node, attr_only: bool = False) -> None:

@@ -17,7 +17,8 @@ interface (:class:`dyadfs.kvs.KVS`); each backend stores them its own way (below
   (shared storage, while a producer writes). Schema 1 records (no ``kind``, no ``target``) are
   still read, as files.
 
-``mounts/<mount id>``  the node registry (schema 1), JSON::
+``mounts/<mount id>``  the node registry (schema 1): every running mount, shared storage included
+(there its TCP server only tells others it is alive, see :mod:`dyadfs.owners`), JSON::
 
     {"schema": 1, "host": str, "pid": int, "dir": str, "transport": str,
      "address": str | null, "started": float, "rank": int | null, "tcp": str | null}

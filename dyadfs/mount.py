@@ -187,6 +187,7 @@ class Mount:
             "dyad_compat": c.dyad_compat,
             "dyad_service": None if self.dyad_service is None else
             self.dyad_service.registered,
+            "fuse_lookups": s.fuse_lookups, "fuse_getattrs": s.fuse_getattrs,
         }
 
     def run(self) -> None:
@@ -222,9 +223,7 @@ class Mount:
                               key_bins=c.key_bins)
             nursery = await stack.enter_async_context(trio.open_nursery())
             await nursery.start(kvs.run)
-            puller = None
-            if not c.shared_storage:
-                puller = await self._start_transport(stack, nursery, root_fd, catalog)
+            puller = await self._start_transport(stack, nursery, root_fd, catalog)
             ops = Operations(c, root_fd, catalog, puller, self.stats)
             ops.attach(nursery)
             if self.server is not None:
@@ -262,9 +261,11 @@ class Mount:
             nursery.cancel_scope.cancel()
 
     async def _start_transport(self, stack: contextlib.AsyncExitStack, nursery: trio.Nursery,
-                               root_fd: int, catalog: Catalog) -> Puller:
+                               root_fd: int, catalog: Catalog) -> Puller | None:
         """Serve what this mount owns (plain TCP always, plus UCX), register it, and return
-        the puller that fetches what others own."""
+        the puller that fetches what others own. On shared storage nothing is pulled: the TCP
+        server and the registry record only tell consumers that this mount is alive, for the
+        "writing" marks it holds (see :mod:`dyadfs.owners`)."""
         c = self.config
         assert self.kvs is not None
         kvs = self.kvs
@@ -276,13 +277,13 @@ class Mount:
         stack.push_async_callback(tcp.aclose)
         await tcp.start(nursery, server.handle, host)
         transport: Transport = tcp
-        if c.transport != "tcp":
+        if c.transport != "tcp" and not c.shared_storage:
             transport = load_transport(c.transport)()
             stack.push_async_callback(transport.aclose)
             await transport.start(nursery, server.handle, host)
         self.transport = transport
         local: LocalTransport | None = None
-        if c.same_host:
+        if c.same_host and not c.shared_storage:
             local = LocalTransport()
             stack.push_async_callback(local.aclose)
             await local.start(nursery, server.handle, host)
@@ -295,6 +296,8 @@ class Mount:
         key = keys.mount_key(self.mount_id)
         await kvs.commit(c.namespace, {key: record.encode()})
         stack.push_async_callback(self._unregister, key)
+        if c.shared_storage:
+            return None
         puller = Puller(c, Backing(root_fd), catalog, transport, tcp, secret, self.stats,
                         local=local)
         if c.cache_size is not None:

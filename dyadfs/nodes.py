@@ -52,6 +52,7 @@ class Node:
     provisional: str | None = None  # "file" or "dir": the kernel knows it, the backing does not
     handles: set[int] = field(default_factory=set)
     told: tuple[int, int] | None = None  # (size, mtime) the kernel may cache, on consumer mounts
+    published: bool = False  # absent, shown as a published name (not provisional)
 
 
 @dataclass(eq=False)

@@ -20,3 +20,7 @@ class Stats:
     bytes_served: int = 0
     errors: int = 0
     unexpected: int = 0
+    #: FUSE requests answered, of the kinds a listing or a stat costs (what the kernel did
+    #: not take from its own cache)
+    fuse_lookups: int = 0
+    fuse_getattrs: int = 0

@@ -13,6 +13,7 @@ import trio
 
 from dyadfs import config, fs
 from dyadfs.catalog import Catalog
+from dyadfs.kernel import STABLE_TIMEOUT
 from dyadfs.kvs.local import LocalKVS
 
 CTX = SimpleNamespace(pid=0, uid=os.getuid(), gid=os.getgid(), umask=0o022)
@@ -90,9 +91,10 @@ def test_consumer_lookups(tmp_path: Path, caplog) -> None:  # type: ignore[no-un
         st = os.stat(__file__)
         await other.publish(b"g/frame", st)
         d = await ops.lookup(pyfuse3.ROOT_INODE, b"g", CTX)
-        assert d.st_mode & 0o170000 == 0o040000 and d.entry_timeout == 0
+        # published names are cached like present ones (see KernelCache.synthetic)
+        assert d.st_mode & 0o170000 == 0o040000 and d.entry_timeout == STABLE_TIMEOUT
         f = await ops.lookup(d.st_ino, b"frame", CTX)
-        assert f.st_size == st.st_size and f.attr_timeout == 0
+        assert f.st_size == st.st_size and f.attr_timeout == f.entry_timeout == STABLE_TIMEOUT
         await kvs.commit(ops.catalog.ns, {"files/bad": b"{not json"})
         with pytest.raises(pyfuse3.FUSEError) as e:
             await ops.lookup(pyfuse3.ROOT_INODE, b"bad", CTX)

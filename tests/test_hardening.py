@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import stat
@@ -13,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Mounts, dyadfs_cmd, run, wait_for
+from .conftest import CPrograms, Mounts, dyadfs_cmd, run, wait_for
+from .helpers import LOOPBACK, Lines, crc_of, finish, parse_reads, shared_pair, waiting
 
 pytestmark = pytest.mark.mounted
 NS = "hard"
@@ -189,3 +191,37 @@ print('closed', flush=True)
     from .test_mounted import record
     rec = record(mounts, "out.dat", NS)
     assert rec is not None and rec.size == 22
+
+
+def test_a_killed_writers_mark_fails_the_wait_after_fetch_timeout(
+        tmp_path: Path, mounts: Mounts, cprogs: CPrograms, spawn) -> None:  # type: ignore[no-untyped-def]
+    """Shared storage: a producer mount killed (kill -9) while a file is open for writing leaves
+    its "writing" mark in the KVS. A consumer waiting on the file gets EIO once that mount has
+    been gone for --fetch-timeout (not a wait for ever); so does one that opens it after the
+    mount was restarted (the writer died with the run that marked it); a rewrite is read."""
+    prod_opts = ("--role", "producer", "--shared-storage", "--namespace", NS, *LOOPBACK)
+    prod, cons, backing = shared_pair(mounts, tmp_path, NS, cons_opts=("--fetch-timeout", "2"))
+    writer = spawn([sys.executable, "-c", textwrap.dedent(f"""
+        import sys
+        f = open({str(prod / 'out.dat')!r}, 'wb')
+        f.write(b'first half'); f.flush()
+        print('open', flush=True)
+        sys.stdin.readline()
+        """)], stdin=subprocess.PIPE)
+    assert Lines(writer).next(what="the writer's first half") == b"open"
+    reader = spawn([cprogs.reader, str(cons / "out.dat")])
+    waiting(mounts, cons, 1)
+    pid = mounts.status(prod)["pid"]
+    os.kill(pid, 9)
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10, "the daemon to die")
+    writer.kill()
+    subprocess.run(["fusermount3", "-uz", str(prod)], capture_output=True)
+    out, _ = finish(reader, 30, "a reader waiting on a killed writer's mark")
+    assert [(r.size, r.err) for r in parse_reads(out)] == [(-1, errno.EIO)]
+
+    mounts.mount(prod, "--backing", str(backing), *prod_opts)
+    again = run([cprogs.reader, str(cons / "out.dat")], timeout=30, check=False)
+    assert [(r.size, r.err) for r in parse_reads(again.stdout)] == [(-1, errno.EIO)]
+    (prod / "out.dat").write_bytes(b"whole file")
+    reads = parse_reads(run([cprogs.reader, str(cons / "out.dat")], timeout=30).stdout)
+    assert [(r.size, r.crc, r.err) for r in reads] == [(10, crc_of(b"whole file"), 0)]
