@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 #: how often a waiting open checks that its caller still wants the answer (seconds)
 CALLER_CHECK = 0.25
+#: how many such checks a second all waiting opens together make at most (beyond
+#: CALLER_CHECKS_PER_S * CALLER_CHECK waiters, each checks less often)
+CALLER_CHECKS_PER_S = 1000
 
 _T = TypeVar("_T")
 
@@ -355,7 +358,11 @@ class Consumer:
                 async def watch() -> None:
                     # No event tells that a signal is pending: a 4 Hz look at /proc is it.
                     while caller_alive(pid):  # noqa: ASYNC110
-                        await trio.sleep(CALLER_CHECK)
+                        # Each look reads /proc on the trio thread: with thousands waiting,
+                        # look less often (at most ~CALLER_CHECKS_PER_S in all), so that the
+                        # looks never take the loop from everything else the mount answers.
+                        await trio.sleep(max(CALLER_CHECK,
+                                             self.stats.waiting / CALLER_CHECKS_PER_S))
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(waiter, wait)
