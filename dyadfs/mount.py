@@ -204,9 +204,11 @@ class Mount:
             trio.run(self._main, root_fd)
         except BaseExceptionGroup as group:
             # A user error raised inside the nursery still deserves its one line.
-            user = _user_error(group)
+            user = _user_error(group, backing)
             if user is None:
                 raise
+            if not isinstance(user, _USER_ERRORS):  # the environment's: the whole story logged
+                log.error("the mount failed", exc_info=group)
             raise user from None
         finally:
             os.close(root_fd)
@@ -361,14 +363,32 @@ class Mount:
                 return
 
 
-def _user_error(group: BaseExceptionGroup[Any]) -> Exception | None:
+_USER_ERRORS = (ConfigError, UsageError, KVSError)
+
+
+def _first(group: BaseExceptionGroup[Any], kinds: tuple[type[BaseException], ...]
+           ) -> BaseException | None:
     for exc in group.exceptions:
         if isinstance(exc, BaseExceptionGroup):
-            found = _user_error(exc)
+            found = _first(exc, kinds)
             if found is not None:
                 return found
-        elif isinstance(exc, (ConfigError, UsageError, KVSError)):
+        elif isinstance(exc, kinds):
             return exc
+    return None
+
+
+def _user_error(group: BaseExceptionGroup[Any], backing: Path) -> Exception | None:
+    """The one line a failed start deserves: a user error as it is; a system call the
+    environment refused (a mount directory the user cannot write, a read-only or full disk)
+    as what it refused, e.g. ``.dyadfs: Permission denied``."""
+    found = _first(group, _USER_ERRORS)
+    if isinstance(found, Exception):
+        return found
+    err = _first(group, (OSError,))
+    if isinstance(err, OSError):
+        where = f"{backing / os.fsdecode(err.filename)}: " if err.filename else ""
+        return ConfigError(f"cannot start the mount: {where}{err.strerror or err}")
     return None
 
 

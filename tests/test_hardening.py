@@ -101,6 +101,31 @@ def test_files_holding_the_secret_are_private(tmp_path: Path, mounts: Mounts) ->
         assert stat.S_IMODE(d.stat().st_mode) & 0o077 == 0, d
 
 
+@pytest.mark.mounted
+def test_an_unwritable_mount_directory_is_one_clear_line(tmp_path: Path, mounts: Mounts) -> None:
+    """A mount directory the user cannot write (root: immutable; others: mode 0555) fails the
+    start with what was refused, not the border line of a traceback (found by an outsider)."""
+    d = tmp_path / "ro"
+    d.mkdir()
+    if os.geteuid() == 0:
+        if subprocess.run(["chattr", "+i", str(d)], capture_output=True).returncode != 0:
+            pytest.skip("root: chattr +i is not supported on this file system")
+    else:
+        d.chmod(0o555)
+    try:
+        r = dyadfs_cmd("mount", str(d), "--namespace", NS, "--transport", "tcp",
+                       env=mounts.env, check=False)
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(d)], capture_output=True)
+        d.chmod(0o755)
+    assert r.returncode == 1, r.stderr
+    assert f"{d}/.dyadfs: " in r.stderr and ("Permission denied" in r.stderr or
+                                             "Operation not permitted" in r.stderr), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "+---" not in r.stderr, r.stderr
+    assert not os.path.ismount(d)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root (makes a directory owned by another "
                     "user)")
 def test_a_state_dir_of_another_user_is_refused(tmp_path: Path,
