@@ -341,9 +341,11 @@ def _print_status(st: dict[str, Any]) -> None:
         return
     print(f"{st['dir']}: pid {st['pid']}, role {st['role']}, namespace {st['namespace']}, "
           f"kvs {st['kvs']}, transport {st['transport'] or '-'}"
+          f"{', same host: on' if st.get('same_host') and not st['shared_storage'] else ''}"
           f"{', shared storage' if st['shared_storage'] else ''}")
     print(f"  published {st['published']}, waiting {st['waiting']}, pulled {st['pulled']} "
-          f"({st['bytes_pulled']} B), served {st['served']} ({st['bytes_served']} B), "
+          f"({st['bytes_pulled']} B, {st.get('pulled_same_host', 0)} from this host), "
+          f"served {st['served']} ({st['bytes_served']} B), "
           f"timeouts {st['wait_timeouts']}, errors {st['errors']}")
     if st.get("prefetch"):
         print(f"  prefetch on: prefetched {st['prefetched']}, queued {st['prefetch_pending']}")

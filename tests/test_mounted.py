@@ -356,6 +356,8 @@ def test_status_json(tmp_path: Path, mounts: Mounts) -> None:
     assert st["namespace"] == mounts.ns("ns1") and st["role"] == "consumer"
     out = dyadfs_cmd("status", env=mounts.env).stdout
     assert str(mp) in out
+    # the text says where pulls come from (an outsider found it only in --json)
+    assert "same host: on" in out and "0 from this host" in out, out
 
 
 @pytest.mark.parametrize("args,needle", [
