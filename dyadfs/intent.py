@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import os
 import platform
+import time
 from dataclasses import dataclass
 
 O_CREAT = os.O_CREAT
@@ -85,15 +86,26 @@ _OPENAT2 = 437
 _MAX_PATH = 4096
 
 
+#: how often, and how long apart (growing), to look again at a caller that /proc shows running
+RUNNING_RETRIES = 10
+RUNNING_PAUSE = 0.0001
+
+
 def caller(tid: int) -> Call:
     """The system call thread *tid* is blocked in. Never raises."""
     if _TABLE is None or tid <= 0:
         return Call(Intent.UNKNOWN)
-    try:
-        with open(f"/proc/{tid}/syscall", "rb") as f:
-            fields = f.read().split()
-    except OSError:
-        return Call(Intent.UNKNOWN)
+    for attempt in range(RUNNING_RETRIES):
+        try:
+            with open(f"/proc/{tid}/syscall", "rb") as f:
+                fields = f.read().split()
+        except OSError:
+            return Call(Intent.UNKNOWN)
+        if not fields or fields[0] != b"running":
+            break
+        # The request can reach us before its caller has gone to sleep waiting for the answer
+        # (seen on 2 busy cores): /proc says "running" for that moment. Look again, briefly.
+        time.sleep(RUNNING_PAUSE * (attempt + 1))
     if not fields or fields[0] in (b"running", b"-1"):
         return Call(Intent.UNKNOWN)
     try:
