@@ -51,6 +51,7 @@ from .tcp import (
     MESSAGE_TIMEOUT,
     LogLimit,
     _next_message,
+    ask,
     recv_message,
     send_message,
     serve_listener,
@@ -189,18 +190,8 @@ class LocalTransport(Transport):
 
     # -- fetching ----------------------------------------------------------------------------
     async def fetch(self, address: str, request: Request, sink: Sink) -> None:
-        sock, pooled = await self._connect(address)
+        sock, raw = await ask(lambda reuse: self._connect(address, reuse), request)
         try:
-            try:
-                await send_message(sock, request.encode())
-                raw = await recv_message(sock)
-            except (OSError, FetchError):
-                if not pooled:
-                    raise
-                sock.close()  # the owner closed the kept connection: one fresh try
-                sock, pooled = await self._connect(address, reuse=False)
-                await send_message(sock, request.encode())
-                raw = await recv_message(sock)
             size = parse_header(raw)
             src = await self._receive_fd(sock)
             try:

@@ -218,6 +218,31 @@ async def _next_message(sock: trio.socket.SocketType, idle: float,
         return await _recv_exactly(sock, _length(bytes(head)))
 
 
+async def ask(connect: Callable[[bool], Awaitable[tuple[trio.socket.SocketType, bool]]],
+              request: Request) -> tuple[trio.socket.SocketType, bytes]:
+    """Send *request* on a kept connection (``connect(True)``, which says whether it was
+    kept) or a new one, and return the socket and the answer's header. A kept connection the
+    owner closed meanwhile gets one fresh try (``connect(False)``)."""
+    sock, pooled = await connect(True)
+    try:
+        await send_message(sock, request.encode())
+        return sock, await recv_message(sock)
+    except (OSError, FetchError):
+        sock.close()
+        if not pooled:
+            raise
+    except BaseException:
+        sock.close()
+        raise
+    sock, _ = await connect(False)
+    try:
+        await send_message(sock, request.encode())
+        return sock, await recv_message(sock)
+    except BaseException:
+        sock.close()
+        raise
+
+
 async def send_message(sock: trio.socket.SocketType, data: bytes) -> None:
     await _send_all(sock, _LEN.pack(len(data)) + data)
 
@@ -423,18 +448,8 @@ class TCPTransport(Transport):
 
     # -- fetching ----------------------------------------------------------------------------
     async def fetch(self, address: str, request: Request, sink: Sink) -> None:
-        sock, pooled = await self._connect(address)
+        sock, raw = await ask(lambda reuse: self._connect(address, reuse), request)
         try:
-            try:
-                await send_message(sock, request.encode())
-                raw = await recv_message(sock)
-            except (OSError, FetchError):
-                if not pooled:
-                    raise
-                sock.close()  # the owner closed the kept connection: one fresh try
-                sock, pooled = await self._connect(address, reuse=False)
-                await send_message(sock, request.encode())
-                raw = await recv_message(sock)
             size = parse_header(raw)
             sink.on_size(size)
             if size >= THREAD_MIN:
