@@ -89,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
                    "copying it in the kernel, not over the network (default on)")
     m.add_argument("--async-publish", action="store_const", const=True,
                    help="let close() return before the publication is committed")
-    m.add_argument("--dyad-compat", choices=("on", "off"),
+    m.add_argument("--dyad-compat", metavar="on|off",
                    help="share the namespace with C DYAD (Flux only; default on with the Flux "
                    "KVS): write and watch DYAD's keys, serve and use DYAD's dyad.fetch")
     m.add_argument("--foreground", action="store_const", const=True,

@@ -104,7 +104,7 @@ _FIELDS: dict[str, tuple[str, str | None, str]] = {
     "async_publish": ("DYADFS_ASYNC_PUBLISH", "DYAD_ASYNC_PUBLISH", "bool"),
     "key_depth": ("DYADFS_KEY_DEPTH", "DYAD_KEY_DEPTH", "int"),
     "key_bins": ("DYADFS_KEY_BINS", "DYAD_KEY_BINS", "posint"),
-    "dyad_compat": ("DYADFS_DYAD_COMPAT", None, "onoff"),
+    "dyad_compat": ("DYADFS_DYAD_COMPAT", None, "bool"),
     "dyad_dtl": ("DYADFS_DYAD_DTL", "DYAD_DTL_MODE", "dtl"),
     "log": ("DYADFS_LOG", None, "path"),
     "debug": ("DYADFS_DEBUG", None, "bool"),
@@ -167,15 +167,6 @@ def _transport(raw: Any, source: str) -> str:
     return _choice(TRANSPORTS)(str(raw).lower(), source)
 
 
-def _onoff(raw: Any, source: str) -> bool:
-    low = str(raw).strip().lower() if not isinstance(raw, bool) else ("on" if raw else "off")
-    if low in ("on", "1", "true", "yes"):
-        return True
-    if low in ("off", "0", "false", "no"):
-        return False
-    raise ValueError(f"expected on or off, got {raw!r}")
-
-
 def _dtl(raw: Any, source: str) -> str:
     """DYAD's DTL names (DYAD_DTL_MODE: UCX, FLUX_RPC, MARGO); dyadfs speaks FLUX_RPC to DYAD.
     Another one is kept as given: the mount refuses it only if DYAD interop is on."""
@@ -199,7 +190,10 @@ def _namespace(raw: Any, source: str) -> str:
 
 
 def _seconds(raw: Any, source: str) -> float:
-    value = float(raw)
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"not a number of seconds: {raw!r} (e.g. 30, 0.5)") from None
     if not value > 0:
         raise ValueError(f"must be a positive number of seconds, got {raw!r}")
     return value
@@ -255,7 +249,7 @@ _CONVERTERS: dict[str, Callable[[Any, str], Any]] = {
     "bool": _bool, "role": _choice(ROLES), "transport": _transport, "kvs": _kvs,
     "namespace": _namespace, "seconds": _seconds, "size": _size(True), "size0": _size(False),
     "int": _integer(False), "posint": _integer(True), "path": _path, "str": _str,
-    "patterns": _patterns, "onoff": _onoff, "dtl": _dtl,
+    "patterns": _patterns, "dtl": _dtl,
 }
 
 

@@ -187,6 +187,21 @@ def kvs_backend(request: pytest.FixtureRequest) -> str:
     return backend
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failing test that mounted shows the end of its mounts' logs in the report: a failure
+    seen once in CI then says what the daemons did."""
+    outcome = yield
+    rep = outcome.get_result()  # type: ignore[attr-defined]
+    m = getattr(item, "funcargs", {}).get("mounts")
+    if rep.failed and call.when == "call" and isinstance(m, Mounts):
+        try:
+            tail = "\n".join(m.logs().splitlines()[-80:])
+        except OSError as e:
+            tail = f"(the logs could not be read: {e})"
+        rep.sections.append(("dyadfs mount logs (last 80 lines)", tail))
+
+
 @pytest.fixture
 def mounts(tmp_path: Path, state_env: dict[str, str], kvs_backend: str,
            request: pytest.FixtureRequest) -> Iterator[Mounts]:

@@ -99,8 +99,12 @@ def test_dyad_compat_defaults_and_dtl(tmp_path: Path) -> None:
                         env={**flux, "DYAD_DTL_MODE": "UCX"}).dyad_compat is False
     with pytest.raises(ConfigError, match="--dyad-compat on: C DYAD shares only a Flux KVS"):
         config.build(tmp_path, {"dyad_compat": "on"}, env={})
-    with pytest.raises(ConfigError, match="--dyad-compat: expected on or off"):
+    with pytest.raises(ConfigError, match="--dyad-compat: expected one of 1/0, true/false"):
         config.build(tmp_path, {"dyad_compat": "maybe"}, env=flux)
+    # like every other on/off option (--same-host): yes/no, true/false, 1/0 too
+    assert config.build(tmp_path, {"dyad_compat": "false"}, env=flux).dyad_compat is False
+    with pytest.raises(ConfigError, match="--wait-timeout: not a number of seconds: 'abc'"):
+        config.build(tmp_path, {"wait_timeout": "abc"}, env={})
     with pytest.raises(ConfigError, match="DYAD_DTL_MODE: expected FLUX_RPC"):
         config.build(tmp_path, {}, env={**flux, "DYAD_DTL_MODE": "PIGEON"})
 
