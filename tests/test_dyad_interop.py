@@ -232,9 +232,10 @@ def test_dyadfs_producer_to_c_dyad_consumer_without_module(
     empty = write(cprogs, prod / "empty", 0, 23)
     out, err = finish(reader, 90, "the C DYAD consumer")
     got = reads_of(out)
-    assert got["frame0"] == (*frame, 0), err
-    assert got["big0"] == (*big, 0), err
-    assert got["empty0"] == (*empty, 0), err
+    said = f"exit {reader.returncode}; stdout {out!r}; stderr {err[-3000:]!r}"
+    assert got.get("frame0") == (*frame, 0), said
+    assert got.get("big0") == (*big, 0), said
+    assert got.get("empty0") == (*empty, 0), said
     # DYAD's client swallows errors (an empty file): the producer's count says it served them
     assert mounts.status(prod)["served"] == 3
 
