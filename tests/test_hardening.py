@@ -87,6 +87,47 @@ def test_thousands_of_waiting_opens_leave_the_mount_responsive(tmp_path: Path,
     print(f"{n} waiting opens: daemon RSS {rss_before} -> {rss_waiting} KiB")
 
 
+def test_opens_withdrawn_by_a_killed_process_never_stall_the_mount(tmp_path: Path,
+                                                                   mounts: Mounts) -> None:
+    """A process with thousands of threads opening unpublished names, killed (kill -9) while
+    they start: the kernel withdraws the requests the daemon had not read yet, and a read of
+    /dev/fuse that found the device readable can then block the daemon's only loop until some
+    other request comes (seen: 11 minutes). Each round, a stat by another program answers."""
+    cons = mounts.mount(tmp_path / "c", "--role", "consumer", "--namespace", NS,
+                        "--wait-timeout", "300")
+    (cons / "here").write_bytes(b"x")
+    script = textwrap.dedent("""
+        import sys, threading
+        threading.stack_size(256 * 1024)
+        def op(i):
+            try:
+                open(f"{sys.argv[1]}/w{sys.argv[2]}/f{i}", "rb")
+            except OSError:
+                pass
+        for i in range(3000):
+            threading.Thread(target=op, args=(i,), daemon=True).start()
+        threading.Event().wait()
+        """)
+    slow = []
+    for r in range(8):
+        crowd = subprocess.Popen([sys.executable, "-c", script, str(cons), str(r)])
+        time.sleep(0.1 + 0.07 * r)  # killed at a different point of its start each round
+        crowd.kill()
+        try:  # its threads end once the daemon answers (or forgets) their requests
+            crowd.wait(60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"round {r}: the killed process's threads still wait on the "
+                                 "mount after 60 s: the daemon stopped answering") from None
+        t0 = time.monotonic()
+        st = run(["timeout", "30", "stat", "-c", "%s", str(cons / "here")], check=False)
+        took = time.monotonic() - t0
+        assert st.returncode == 0, f"round {r}: stat failed or hung: {st.stderr!r}"
+        if took > 3:
+            slow.append(f"round {r}: {took:.1f} s")
+    assert not slow, f"the mount stalled after a killed crowd of opens: {slow}"
+    wait_for(lambda: mounts.status(cons)["waiting"] == 0, 30, "the withdrawn waits to end")
+
+
 def test_files_holding_the_secret_are_private(tmp_path: Path, mounts: Mounts) -> None:
     old = os.umask(0)  # a careless caller: the daemon must not inherit it for its own files
     try:
