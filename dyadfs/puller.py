@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import secrets
 import time
@@ -55,6 +56,21 @@ log = logging.getLogger(__name__)
 #: errors of this node's own storage: no owner can help, the reader hears them as they are
 _LOCAL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 _PASSED_ON = (*_LOCAL, errno.ESTALE)
+
+#: pulls from one owner's address at once; the others wait their turn. 10,000 opens released
+#: by one publication burst opened 10,000 connections to the owner, whose server closes those
+#: beyond its cap (1,024): 7,000 pulls failed with EIO.
+PULLS_PER_OWNER = 32
+
+
+class _Turns:
+    """The turns of the pulls from one owner's address, and when one of them last moved a byte
+    (a pull waiting its turn gives up only after --fetch-timeout without any)."""
+
+    def __init__(self) -> None:
+        self.slots = trio.Semaphore(PULLS_PER_OWNER)
+        self.moved = -math.inf
+
 
 #: the version a copy pulled from C DYAD is marked with: DYAD has none (dyadfs' versions are
 #: wall-clock nanoseconds, never 0), so any dyadfs publication of the name differs from it
@@ -149,6 +165,7 @@ class Puller:
         self._pulls: dict[bytes, Pull] = {}
         self._nursery: trio.Nursery | None = None
         self._owners: dict[str, MountRecord] = {}
+        self._turns: dict[str, _Turns] = {}  # address -> the turns of its pulls
         self._dyad_pulls: dict[bytes, _DyadPull] = {}
         #: the client of C DYAD's dyad.fetch (--dyad-compat; set by the mount)
         self.dyad: DyadClient | None = None
@@ -398,6 +415,26 @@ class Puller:
                        address: str) -> tuple[str | None, bool]:
         """One fetch from *address*: (None, _) when complete, else (why not, whether bytes
         arrived)."""
+        turns = self._turns.setdefault(address, _Turns())
+        queued = trio.current_time()
+        while True:
+            quiet_since = max(queued, turns.moved)
+            with trio.move_on_at(quiet_since + self.cfg.fetch_timeout):
+                await turns.slots.acquire()
+                break
+            if turns.moved <= quiet_since:
+                return (f"{address}: waited {self.cfg.fetch_timeout} s for a turn among "
+                        f"{PULLS_PER_OWNER} pulls from it, and none of them moved a byte"), False
+        try:
+            outcome = await self._fetch(pull, transport, address, turns)
+        finally:
+            turns.slots.release()
+        if outcome[0] is None:  # a whole file (perhaps an empty one) came: the owner serves
+            turns.moved = trio.current_time()
+        return outcome
+
+    async def _fetch(self, pull: Pull, transport: Transport, address: str,
+                     turns: _Turns) -> tuple[str | None, bool]:
         req = Request(self.catalog.ns, self.secret, pull.rel, pull.rec.version, self.cfg.verify)
         # --fetch-timeout bounds a silence, not a transfer: every arrival of bytes moves the
         # deadline (a 100 GB file may take minutes; a dead owner may not).
@@ -408,7 +445,8 @@ class Puller:
             nonlocal progressed
             progressed = True
             pull.progress(n)
-            scope.deadline = trio.current_time() + self.cfg.fetch_timeout
+            turns.moved = trio.current_time()
+            scope.deadline = turns.moved + self.cfg.fetch_timeout
 
         reserve = transport is not self.local
         sink = Sink(pull.fd, lambda n: self._sized(pull, sink, n, reserve), arrived)

@@ -35,7 +35,7 @@ def test_thousands_of_waiting_opens_leave_the_mount_responsive(tmp_path: Path,
     # A blocked open holds a descriptor of the opening process already: the readers' process
     # raises its own limit (an ordinary user's soft limit is 1024).
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    n = min(int(os.environ.get("DYADFS_TEST_WAITERS", "2000")),
+    n = min(int(os.environ.get("DYADFS_TEST_WAITERS", "10000")),
             hard - 64 if hard != resource.RLIM_INFINITY else 1 << 20)
     prod = mounts.mount(tmp_path / "p", "--role", "producer", "--namespace", NS,
                         "--transport", "tcp", "--listen", "127.0.0.1")
