@@ -27,6 +27,8 @@ log = logging.getLogger("dyadfs")
 
 EXIT_FAIL = 1
 EXIT_CONFIG = 2
+#: the reader of our output went away (what a process killed by SIGPIPE reports: 128 + 13)
+EXIT_SIGPIPE = 141
 READY_TIMEOUT = 60.0
 UMOUNT_TIMEOUT = 60.0
 
@@ -163,6 +165,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, KVSError) as e:
         sys.stderr.write(f"dyadfs: error: {e}\n")
         return EXIT_FAIL
+    except BrokenPipeError:
+        # Whoever read our output stopped (dyadfs status | head -1): like a C tool killed by
+        # SIGPIPE, stop quietly; stdout goes to /dev/null so the exit flush cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_SIGPIPE
     return EXIT_CONFIG
 
 

@@ -119,3 +119,18 @@ def test_dyad_paths_resolved_like_dyad(tmp_path: Path) -> None:
         "producer"
     assert config.build(tmp_path / "link", {},
                         env={"DYAD_PATH_CONSUMER": str(real / ".." / "real")}).role == "consumer"
+
+
+def test_output_cut_short_is_quiet(tmp_path: Path) -> None:
+    """`dyadfs status | head -1`: the reader goes away; no traceback, SIGPIPE's exit status."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "DYADFS_STATE_DIR": str(tmp_path / "state")}
+    proc = subprocess.Popen([sys.executable, "-m", "dyadfs", "status"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # nobody reads: the first write fails with EPIPE
+    err = proc.stderr.read()
+    assert proc.wait(60) == 141, err
+    assert b"Traceback" not in err and b"BrokenPipe" not in err, err
