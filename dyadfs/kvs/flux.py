@@ -647,16 +647,32 @@ class FluxKVS(KVS):
     def _finish(self, ns: str, path: str, olds: list[int], new: int) -> None:
         """C2: fold the frozen generations *olds* into the base of *new* and retire them."""
         ldir = _log_dir(path)
-        futs = [self._send(ns, f"{ldir}.g{k}.{leaf}") for k in olds for leaf in ("base", "log")]
         values: list[bytes | None] = []
-        failed = False
-        for fut in futs:
+        for k in olds:
             try:
-                values.append(self._take(fut))
+                tree = self._take_treeobj(self._send(ns, f"{ldir}.g{k}", _READDIR))
             except OSError:
-                failed = True  # retired meanwhile (its marker leads out of the namespace)
-        if failed:
-            return
+                return  # retired meanwhile (its marker leads out of the namespace)
+            if tree is None:
+                return
+            leaves = (tree.get("data") or {}).keys()
+            for leaf in ("base", "log"):
+                if leaf not in leaves:
+                    values.append(None)
+                    continue
+                try:
+                    value = self._take(self._send(ns, f"{ldir}.g{k}.{leaf}"))
+                except OSError:
+                    return  # retired meanwhile
+                if value is None:
+                    # Listed, yet a lookup says it is not there: this broker could not load the
+                    # value's content yet (flux-core logs "content_load_get: No such file or
+                    # directory" on a non-zero rank). Folding without it would retire lines
+                    # with their generation; the next compaction tries again.
+                    log.info("Flux KVS: generation %d of the listing of %r could not be read "
+                             "whole; compaction postponed", k, path)
+                    return
+                values.append(value)
         state, _ = _fold(list(zip(values[::2], values[1::2], strict=True)))
         ops: list[tuple[Any, ...]] = [("absent", f"{ldir}.g{k}.z") for k in olds]  # retired?
         ops.append(("put", f"{ldir}.g{new}.base",
