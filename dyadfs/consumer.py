@@ -48,8 +48,9 @@ _T = TypeVar("_T")
 
 #: what a lookup of a name missing from the backing answers: a kind ("file", "dir"), the
 #: published record (None: provisional, or a directory) and whether the name is published (a
-#: record, or a directory of the index; else provisional), or "waited": look in the backing
-#: again
+#: record, or a directory of the index; else provisional); or "waited": look in the backing
+#: again; or "awaited": a provisional file whose GETATTR waits for the publication
+#: (--wait-on-stat, see :meth:`Consumer.await_stat`)
 Missing = tuple[str, FileRecord | None, bool]
 
 
@@ -94,27 +95,37 @@ class Consumer:
             if rest and self._stat_waits(rel + b"/" + rest):
                 return "dir", None, False  # on the way to a name worth waiting for
             if self._stat_waits(rel):
-                pub = await self.wait_published(rel, pid, "stat")
-                if isinstance(pub, DyadOwner) and not self.cfg.shared_storage:
-                    await self._pull_dyad(rel, pub, pid)
-                return "waited", None, False
+                return "awaited", None, False
         raise FUSEError(errno.ENOENT)
 
     def _unknown_intent(self, rel: bytes, pid: int) -> Missing:
         """The caller's system call cannot be read (Yama's ptrace_scope >= 1 for a daemon that
         is not root, another user's process). Creators must never block, so a missing name is
         ENOENT at once, except the names the user said are worth waiting for
-        (--wait-on-stat): those answer as for a reader, and an open of one waits. What degrades:
-        a stat of such a name sees a provisional empty file instead of waiting; other readers
-        see ENOENT instead of waiting."""
+        (--wait-on-stat): those answer as for a stat that waits, and a stat or an open of one
+        waits. What degrades: other readers see ENOENT instead of waiting, and a creator of a
+        name matching --wait-on-stat waits too (its open asks for the name's attributes)."""
         if not self._warned_intent:
             self._warned_intent = True
             log.warning("cannot read /proc/%d/syscall: lookups of unpublished names answer "
                         "ENOENT at once, but for names matching --wait-on-stat, whose open "
                         "waits", pid)
         if self._stat_waits(rel):
-            return "file", None, False
+            return "awaited", None, False
         raise FUSEError(errno.ENOENT)
+
+    async def await_stat(self, rel: bytes, pid: int) -> FileRecord | None:
+        """A stat of *rel* (not published yet, --wait-on-stat) waits here, in the GETATTR that
+        follows its lookup, never in the LOOKUP: libfuse 3.14 does not pass FUSE_PARALLEL_DIROPS
+        on to the kernel (fixed in 3.17), so the kernel holds the directory's lock for a LOOKUP
+        under way, and a stat waiting there would freeze every other lookup and ``ls`` of that
+        directory. Returns the published record (None: C DYAD's publication, pulled here)."""
+        pub = await self.wait_published(rel, pid, "stat")
+        if isinstance(pub, DyadOwner):
+            if not self.cfg.shared_storage:
+                await self._pull_dyad(rel, pub, pid)
+            return None
+        return pub
 
     async def stale(self, rel: bytes, st: os.stat_result) -> bool:
         """Whether *rel*, present here, is a pulled copy of a version that is no longer the

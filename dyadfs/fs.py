@@ -174,6 +174,10 @@ class Operations(pyfuse3.Operations):
             kind, rec, published = await self.consumer.missing(name, rel, pid)
             if kind != "waited":
                 break
+        if kind == "awaited":  # its GETATTR waits (never this LOOKUP: the directory's lock)
+            node = self.nodes.absent(parent, name, "file")
+            node.awaited = True
+            return self.kernel.synthetic(node, "file", None, False)
         return self.kernel.synthetic(self.nodes.absent(parent, name, kind), kind, rec,
                                      published)
 
@@ -184,9 +188,9 @@ class Operations(pyfuse3.Operations):
     # -- attributes ----------------------------------------------------------------------
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self.stats.fuse_getattrs += 1
-        return await self._getattr(self.nodes.get(inode))
+        return await self._getattr(self.nodes.get(inode), ctx.pid)
 
-    async def _getattr(self, node: Node) -> pyfuse3.EntryAttributes:
+    async def _getattr(self, node: Node, pid: int = 0) -> pyfuse3.EntryAttributes:
         for handle in self.nodes.handles_of(node):  # open, perhaps unlinked: it knows best
             if handle.own:
                 pull = handle.pull
@@ -198,12 +202,30 @@ class Operations(pyfuse3.Operations):
         except FileNotFoundError:
             if node.provisional is None or not self.consumer.active:
                 raise
+        if node.provisional == "file" and node.awaited:
+            return await self._await_stat(node, rel, pid)
         if node.provisional == "file":
             rec = await self.consumer.record(rel)
             return self.kernel.synthetic(node, "file", rec, rec is not None)
         # a directory stays what its lookup or listing showed: no KVS read per GETATTR (every
         # path through an uncached directory costs one)
         return self.kernel.synthetic(node, node.provisional, None, node.published)
+
+    async def _await_stat(self, node: Node, rel: bytes, pid: int) -> pyfuse3.EntryAttributes:
+        """The GETATTR of a stat that waits (--wait-on-stat) for *rel* to be published."""
+        rec = await self.consumer.await_stat(rel, pid)
+        node.awaited = False
+        st = self.backing.lstat_or_none(rel)
+        if (rec is not None and rec.kind != "file") or \
+                (st is not None and not stat_mod.S_ISREG(st.st_mode)):
+            # Published as a directory or a link: this node's type is wrong. ESTALE makes the
+            # kernel look the name up again (once) and stat what the new lookup answers.
+            for parent, name in list(node.links):
+                self.nodes.drop_name(parent, name)
+            raise FUSEError(errno.ESTALE)
+        if st is not None:
+            return self.kernel.entry(node, st)
+        return self.kernel.synthetic(node, "file", rec, True)
 
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,

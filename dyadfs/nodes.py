@@ -53,6 +53,7 @@ class Node:
     handles: set[int] = field(default_factory=set)
     told: tuple[int, int] | None = None  # (size, mtime) the kernel may cache, on consumer mounts
     published: bool = False  # absent, shown as a published name (not provisional)
+    awaited: bool = False  # provisional file whose GETATTR waits for it (--wait-on-stat)
 
 
 @dataclass(eq=False)
@@ -129,6 +130,7 @@ class Nodes:
             self._unname(here, (parent.ino, name))  # replaced behind the kernel's back
         self._name(node, parent.ino, name)
         node.provisional = None
+        node.awaited = False
         return node
 
     def absent(self, parent: Node, name: bytes, kind: str) -> Node:

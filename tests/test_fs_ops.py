@@ -118,15 +118,21 @@ def test_open_of_unpublished_name_times_out(tmp_path: Path) -> None:
 def test_unreadable_intent_waits_only_for_declared_names(tmp_path: Path) -> None:
     """Where /proc/<tid>/syscall cannot be read (pid 0 here; Yama ptrace_scope for a non-root
     daemon), a creator must still never block: missing names are ENOENT at once, but names
-    matching --wait-on-stat answer as for a reader, and their open waits."""
+    matching --wait-on-stat answer as for a stat that waits: their GETATTR (a stat) and
+    their open wait."""
     async def body(ops, kvs, backing):  # type: ignore[no-untyped-def]
         with pytest.raises(pyfuse3.FUSEError) as e:
             await ops.lookup(pyfuse3.ROOT_INODE, b"scratch.tmp", CTX)
         assert e.value.errno == errno.ENOENT
         entry = await ops.lookup(pyfuse3.ROOT_INODE, b"frame.dat", CTX)
         node = ops.nodes.get(entry.st_ino)
-        assert node.provisional == "file" and entry.entry_timeout == 0
+        assert node.provisional == "file" and node.awaited
+        assert entry.entry_timeout == entry.attr_timeout == 0  # so a stat asks GETATTR
+        me = SimpleNamespace(pid=os.getpid(), uid=0, gid=0)
         with pytest.raises(pyfuse3.FUSEError) as e:
-            await ops.open(node.ino, os.O_RDONLY, SimpleNamespace(pid=os.getpid(), uid=0, gid=0))
-        assert e.value.errno == errno.ETIMEDOUT  # it waited for the publication
+            await ops.getattr(node.ino, me)
+        assert e.value.errno == errno.ETIMEDOUT  # the stat waited for the publication
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.open(node.ino, os.O_RDONLY, me)
+        assert e.value.errno == errno.ETIMEDOUT  # so did the open
     with_ops(tmp_path, "consumer", body, wait_timeout="0.3", wait_on_stat="*.dat")

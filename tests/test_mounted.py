@@ -217,6 +217,31 @@ def test_wait_on_stat_makes_stat_wait(tmp_path: Path, mounts: Mounts) -> None:
     assert out.strip() == b"5"
 
 
+def test_a_waiting_stat_never_freezes_its_directory(tmp_path: Path, mounts: Mounts) -> None:
+    """A stat waiting under --wait-on-stat waits in GETATTR, not in the LOOKUP: the kernel holds
+    a directory's lock during a LOOKUP (libfuse 3.14 does not pass on FUSE_PARALLEL_DIROPS), so
+    a stat waiting there froze ``ls`` and every other name of that directory, unkillably."""
+    prod = mounts.mount(tmp_path / "p", "--role", "producer", "--namespace", NS)
+    cons = mounts.mount(tmp_path / "c", "--role", "consumer", "--namespace", NS,
+                        "--wait-on-stat", "*.wait", "--transport", "tcp")
+    run(f"mkdir {prod}/d && printf here > {prod}/d/here.dat")
+    assert run(["cat", str(cons / "d/here.dat")]).stdout == b"here"
+    stats = [start(f"stat -c '%s %F' {cons}/d/late{i}.wait") for i in range(3)]
+    waiting(mounts, cons, 3)
+    for cmd in (["ls", str(cons / "d")], ["stat", str(cons / "d/here.dat")],
+                ["cat", str(cons / "d/here.dat")], ["stat", str(cons / "d/nope")]):
+        r = run(cmd, check=False, timeout=5)  # froze until the stats ended before
+        assert r.returncode == (1 if cmd[-1].endswith("nope") else 0), (cmd, r.stderr)
+    assert all(p.poll() is None for p in stats)  # still waiting
+    run(f"printf 12345 > {prod}/d/late0.wait && printf 1 > {prod}/d/late1.wait")
+    run(f"mkdir {prod}/d/late2.wait")  # published as a directory: the stat shows one
+    outs = [p.communicate(timeout=30) for p in stats]
+    shown = [o.split(maxsplit=1) for o, _ in outs]
+    assert [s[0] for s in shown[:2]] == [b"5", b"1"] and shown[2][1].strip() == b"directory", outs
+    assert run(["stat", "-c", "%F", str(cons / "d/late2.wait")]).stdout.strip() == b"directory"
+    assert run(["cat", str(cons / "d/late0.wait")]).stdout == b"12345"
+
+
 def test_stat_and_ls_of_published_files_without_pulling(local_pair: tuple[Path, Path],
                                                          mounts: Mounts, tmp_path: Path) -> None:
     prod, cons = local_pair
