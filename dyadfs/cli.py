@@ -265,6 +265,10 @@ def _umount(args: argparse.Namespace) -> int:
     info = mount_mod.read_info(mount_mod.info_path(cfg))
     if not fuse_mounted(cfg.mountpoint):
         if info is None:
+            if mount_mod.forget_stale(cfg):  # killed: nothing mounted, its record left
+                print(f"dyadfs: {cfg.mountpoint} was not mounted (its daemon is gone); "
+                      "removed its stale record", file=sys.stderr)
+                return 0
             raise UsageError(f"{cfg.mountpoint}: not mounted")
     else:
         tool = shutil.which("fusermount3") or shutil.which("fusermount")
@@ -286,6 +290,7 @@ def _umount(args: argparse.Namespace) -> int:
         else:
             raise UsageError(f"{cfg.mountpoint} is unmounted but its daemon (pid {pid}) "
                              f"did not exit within {UMOUNT_TIMEOUT:.0f} s")
+    mount_mod.forget_stale(cfg)  # a killed daemon's record (a clean exit removes its own)
     return 0
 
 
@@ -302,7 +307,9 @@ def _status(args: argparse.Namespace) -> int:
             try:
                 statuses.append(mount_mod.query_socket(info["socket"], 5.0))
             except UsageError as e:  # one mount that does not answer hides no other
-                statuses.append({"dir": info["dir"], "pid": info["pid"], "error": str(e)})
+                gone = not mount_mod.daemon_alive(int(info["pid"]))  # killed since listed
+                statuses.append({"dir": info["dir"], "pid": info["pid"], "stale": True} if gone
+                                else {"dir": info["dir"], "pid": info["pid"], "error": str(e)})
         statuses += mount_mod.stale_mounts(state_dir)
     if args.json:
         print(json.dumps(statuses[0] if args.dir else statuses, indent=2))
@@ -343,7 +350,7 @@ def _namespace(args: argparse.Namespace) -> int:
 def _print_status(st: dict[str, Any]) -> None:
     if st.get("stale"):
         print(f"{st['dir']}: stale: its daemon (pid {st['pid']}) is gone; "
-              f"fusermount3 -uz {st['dir']} if it is still listed in /proc/mounts")
+              f"dyadfs umount {st['dir']} unmounts it and removes this record")
         return
     if "error" in st:
         print(f"{st['dir']}: pid {st['pid']} does not answer: {st['error']}")
@@ -356,6 +363,8 @@ def _print_status(st: dict[str, Any]) -> None:
           f"({st['bytes_pulled']} B, {st.get('pulled_same_host', 0)} from this host), "
           f"served {st['served']} ({st['bytes_served']} B), "
           f"timeouts {st['wait_timeouts']}, errors {st['errors']}")
+    print(f"  FUSE requests: lookups {st.get('fuse_lookups', 0)}, "
+          f"getattrs {st.get('fuse_getattrs', 0)}; waits done {st.get('waits_done', 0)}")
     if st.get("prefetch"):
         print(f"  prefetch on: prefetched {st['prefetched']}, queued {st['prefetch_pending']}")
     if st.get("dyad_compat"):

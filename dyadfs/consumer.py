@@ -107,9 +107,11 @@ class Consumer:
         name matching --wait-on-stat waits too (its open asks for the name's attributes)."""
         if not self._warned_intent:
             self._warned_intent = True
-            log.warning("cannot read /proc/%d/syscall: lookups of unpublished names answer "
-                        "ENOENT at once, but for names matching --wait-on-stat, whose open "
-                        "waits", pid)
+            log.warning("cannot read /proc/%d/syscall (kernel.yama.ptrace_scope >= 1 for a "
+                        "daemon that is not root, or another user's process): opens and stats "
+                        "of unpublished names answer ENOENT at once instead of waiting, but "
+                        "for names matching --wait-on-stat (%s), which wait", pid,
+                        ",".join(self.cfg.wait_on_stat) or "none given")
         if self._stat_waits(rel):
             return "awaited", None, False
         raise FUSEError(errno.ENOENT)

@@ -9,6 +9,7 @@ SIGTERM/SIGINT, which unmount it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -408,9 +409,12 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 def query_status(config: Config, timeout: float = 5.0) -> dict[str, Any]:
     """The status of the mount of ``config.mountpoint``, from its daemon."""
-    info = read_info(info_path(config))
+    path = info_path(config)
+    info = read_info(path)
     if info is None:
-        raise UsageError(f"{config.mountpoint}: not a running dyadfs mount")
+        why = "its daemon is gone (a stale record)" if path.exists() else \
+            f"no record of it in {path.parent}"
+        raise UsageError(f"{config.mountpoint}: not a running dyadfs mount: {why}")
     return query_socket(info["socket"], timeout)
 
 
@@ -420,10 +424,35 @@ def read_info(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     try:
-        os.kill(int(info["pid"]), 0)
-    except (OSError, KeyError, ValueError):
-        return None  # the daemon is gone
-    return info
+        pid = int(info["pid"])
+    except (KeyError, ValueError):
+        return None
+    return info if daemon_alive(pid) else None  # else the daemon is gone
+
+
+def daemon_alive(pid: int) -> bool:
+    """Whether process *pid* runs (a killed daemon not reaped yet is a zombie: gone)."""
+    try:
+        os.kill(pid, 0)
+    except OSError as e:
+        return e.errno == errno.EPERM
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in (b"Z", b"X")
+
+
+def forget_stale(config: Config) -> bool:
+    """Remove the record (and socket) of the mount of ``config.mountpoint`` if its daemon is
+    gone. True if there was one."""
+    path = info_path(config)
+    if not path.exists() or read_info(path) is not None:
+        return False
+    _unlink(path.with_suffix(".sock"))
+    _unlink(path)
+    return True
 
 
 def all_mounts(state_dir: Path) -> list[dict[str, Any]]:

@@ -216,8 +216,26 @@ def test_status_shows_a_killed_mount_as_stale(tmp_path: Path, mounts: Mounts) ->
     out = dyadfs_cmd("status", env=mounts.env).stdout
     assert f"{mp}: stale: its daemon (pid {pid}) is gone" in out, out
     assert f"{live}: pid" in out
+    r = dyadfs_cmd("status", str(mp), env=mounts.env, check=False)
+    assert r.returncode == 1 and "its daemon is gone (a stale record)" in r.stderr, r.stderr
     mounts.mount(mp, "--namespace", NS, "--transport", "tcp")  # a restart replaces the record
     assert "stale" not in dyadfs_cmd("status", env=mounts.env).stdout
+
+
+def test_umount_of_a_killed_mount_removes_its_record(tmp_path: Path, mounts: Mounts) -> None:
+    """kill -9 of a daemon leaves its record (and the mount, without a reader); `dyadfs umount`
+    then unmounts and removes the record; a second umount, with nothing left, says so."""
+    mp = mounts.mount(tmp_path / "m", "--namespace", NS, "--transport", "tcp")
+    pid = mounts.status(mp)["pid"]
+    os.kill(pid, 9)
+    out = dyadfs_cmd("status", env=mounts.env).stdout  # at once: perhaps not reaped yet
+    assert f"{mp}: stale: its daemon (pid {pid}) is gone" in out, out
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10, "the daemon to die")
+    r = dyadfs_cmd("umount", str(mp), env=mounts.env, check=False)
+    assert r.returncode == 0, r.stderr
+    assert str(mp) not in dyadfs_cmd("status", env=mounts.env).stdout
+    r = dyadfs_cmd("umount", str(mp), env=mounts.env, check=False)
+    assert r.returncode == 1 and "not mounted" in r.stderr, r.stderr
 
 
 def test_sigterm_lets_open_writers_finish_and_publish(tmp_path: Path, mounts: Mounts) -> None:
