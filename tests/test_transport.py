@@ -975,6 +975,16 @@ def child_local(root: str) -> dict[str, Any]:
                                             checks=BIG // CHUNK)}
         out = files.root.parent / "outdir"
         out.mkdir()
+        # A frame comes in the answer itself (one round trip): the owner vouches after its read;
+        # a file it finds changed is refused in the trailer, and nothing is written.
+        files.changed = lambda: "rewritten by its producer"
+        try:
+            await fetch(t, t.address, "small", out / "inline")
+            result["inline_changed"] = "no error"
+        except FetchError as e:
+            result["inline_changed"] = str(e)
+        result["inline_written"] = (out / "inline").stat().st_size
+        files.changed = unchanged
         for name in ("small", "two", "huge", "empty"):
             result[name] = await fetch(t, t.address, name, out / name, verify=True) == \
                 (files.root / name).read_bytes()
@@ -1017,6 +1027,8 @@ def test_local_copies_vouched_chunks_and_refuses_what_the_owner_refuses(
     # copied, then vouched; the last chunk by the trailer
     _check_changed(result["changed"], sent_before_check=1, checks=BIG // CHUNK)
     assert all(result[n] for n in ("small", "two", "huge", "empty")), result
+    assert "rewritten by its producer" in result["inline_changed"], result
+    assert result["inline_written"] == 0, result
     assert result["truncated"] == errno.ESTALE, result
     assert result["after"], result
     assert result["missing"] == errno.ENOENT, result

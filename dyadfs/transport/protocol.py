@@ -39,11 +39,15 @@ class Request:
     version: int
     verify: bool = False
     raw: int = 0  # dyadfs bench: send this many bytes from memory instead of a file
+    #: the local transport: a file of at most this many bytes may come in the answer itself
+    inline: int = 0
 
     def encode(self) -> bytes:
-        return json.dumps({"op": "fetch", "ns": self.ns, "secret": self.secret,
-                           "path": self.path.hex(), "version": self.version,
-                           "verify": self.verify, "raw": self.raw}).encode()
+        d = {"op": "fetch", "ns": self.ns, "secret": self.secret, "path": self.path.hex(),
+             "version": self.version, "verify": self.verify, "raw": self.raw}
+        if self.inline:
+            d["inline"] = self.inline
+        return json.dumps(d).encode()
 
     @classmethod
     def decode(cls, raw: bytes) -> Request:
@@ -53,15 +57,23 @@ class Request:
                 raise ValueError("not a fetch")
             return cls(ns=str(d["ns"]), secret=str(d["secret"]), path=bytes.fromhex(d["path"]),
                        version=int(d["version"]), verify=bool(d.get("verify", False)),
-                       raw=int(d.get("raw", 0)))
+                       raw=int(d.get("raw", 0)), inline=int(d.get("inline", 0)))
         except (ValueError, KeyError, TypeError, OverflowError) as e:  # 1e999 is valid JSON
             raise FetchError(f"malformed request: {e}", errno.EINVAL) from None
 
 
-def header(size: int | None = None, err: int | None = None, message: str = "") -> bytes:
+def header(size: int | None = None, err: int | None = None, message: str = "",
+           inline: bool = False) -> bytes:
     if err is not None:
         return json.dumps({"ok": False, "errno": err, "error": message}).encode()
+    if inline:
+        return json.dumps({"ok": True, "size": size, "inline": True}).encode()
     return json.dumps({"ok": True, "size": size}).encode()
+
+
+def is_inline(raw: bytes) -> bool:
+    """Whether a header (already accepted by parse_header) says the bytes follow it."""
+    return bool(json.loads(raw).get("inline"))
 
 
 def parse_header(raw: bytes) -> int:
