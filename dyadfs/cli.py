@@ -277,6 +277,13 @@ def _umount(args: argparse.Namespace) -> int:
         r = subprocess.run([tool, "-u", str(cfg.mountpoint)], capture_output=True, text=True)
         if r.returncode != 0:
             msg = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "fusermount3 failed"
+            if "busy" in msg:
+                gone = "its daemon is gone, so it will never work again; " if info is None \
+                    else ""
+                msg += (f" (a process has a file or its working directory in it: "
+                        f"`fuser -vm {cfg.mountpoint}` names it; {gone}"
+                        f"`fusermount3 -uz {cfg.mountpoint}` detaches it now and lets "
+                        "those processes finish)")
             raise UsageError(f"cannot unmount {cfg.mountpoint}: {msg}")
     if info is not None:
         pid = int(info["pid"])
@@ -299,6 +306,10 @@ def _status(args: argparse.Namespace) -> int:
 
     if args.dir:
         cfg = config_mod.build(args.dir, {})
+        stale = mount_mod.stale_record(cfg)
+        if stale is not None:  # killed: say so as plain status does, and fail
+            print(json.dumps(stale, indent=2) if args.json else _status_line(stale))
+            return 1
         statuses = [mount_mod.query_status(cfg)]
     else:
         state_dir = config_mod.default_state_dir()
@@ -347,10 +358,14 @@ def _namespace(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status_line(st: dict[str, Any]) -> str:
+    return (f"{st['dir']}: stale: its daemon (pid {st['pid']}) is gone; "
+            f"dyadfs umount {st['dir']} unmounts it and removes this record")
+
+
 def _print_status(st: dict[str, Any]) -> None:
     if st.get("stale"):
-        print(f"{st['dir']}: stale: its daemon (pid {st['pid']}) is gone; "
-              f"dyadfs umount {st['dir']} unmounts it and removes this record")
+        print(_status_line(st))
         return
     if "error" in st:
         print(f"{st['dir']}: pid {st['pid']} does not answer: {st['error']}")

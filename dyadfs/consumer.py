@@ -15,7 +15,7 @@ import errno
 import logging
 import os
 import stat as stat_mod
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
 import trio
@@ -117,13 +117,25 @@ class Consumer:
             return "awaited", None, False
         raise FUSEError(errno.ENOENT)
 
-    async def await_stat(self, rel: bytes, pid: int) -> FileRecord | None:
+    async def await_stat(self, rel: bytes, pid: int,
+                         here: Callable[[], Awaitable[None]]) -> FileRecord | None:
         """A stat of *rel* (not published yet, --wait-on-stat) waits here, in the GETATTR that
         follows its lookup, never in the LOOKUP: libfuse 3.14 does not pass FUSE_PARALLEL_DIROPS
         on to the kernel (fixed in 3.17), so the kernel holds the directory's lock for a LOOKUP
         under way, and a stat waiting there would freeze every other lookup and ``ls`` of that
-        directory. Returns the published record (None: C DYAD's publication, pulled here)."""
-        pub = await self.wait_published(rel, pid, "stat")
+        directory. *here*: returns once the name got a file of this mount's own (a local
+        create ends the wait too). Returns the published record (None: C DYAD's publication,
+        pulled here, or the file made here)."""
+        assert self.catalog is not None
+
+        async def made_here() -> FileRecord | DyadOwner | None:
+            await here()
+            return None
+        published: Awaitable[FileRecord | DyadOwner | None] = \
+            self.catalog.wait_published(rel, self.cfg.wait_timeout)
+        pub = await self.until_caller_dies(pid, published, rel, "stat", also=made_here())
+        if pub is None:
+            return None
         if isinstance(pub, DyadOwner):
             if not self.cfg.shared_storage:
                 await self._pull_dyad(rel, pub, pid)

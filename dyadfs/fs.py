@@ -92,6 +92,19 @@ def _writes(flags: int) -> bool:
     return (flags & os.O_ACCMODE) in _WRITE_MODES
 
 
+#: readdir lists "." and ".." first
+DOTS = 2
+
+
+def _dot(ino: int) -> pyfuse3.EntryAttributes:
+    """What a listing says of "." or "..": a directory and its inode number (the kernel takes
+    nothing else from these two entries)."""
+    e = pyfuse3.EntryAttributes()
+    e.st_ino = ino
+    e.st_mode = stat_mod.S_IFDIR | 0o755
+    return e
+
+
 @_guard_handlers
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
@@ -213,9 +226,16 @@ class Operations(pyfuse3.Operations):
 
     async def _await_stat(self, node: Node, rel: bytes, pid: int) -> pyfuse3.EntryAttributes:
         """The GETATTR of a stat that waits (--wait-on-stat) for *rel* to be published."""
-        rec = await self.consumer.await_stat(rel, pid)
+        here = trio.Event()  # or the name gets a file here (this mount's own create)
+        node.waker = here.set
+        try:
+            rec = await self.consumer.await_stat(rel, pid, here.wait)
+        finally:
+            node.waker = None
         node.awaited = False
         st = self.backing.lstat_or_none(rel)
+        if rec is None and st is None:
+            raise FUSEError(errno.ENOENT)  # made here, and gone again
         if (rec is not None and rec.kind != "file") or \
                 (st is not None and not stat_mod.S_ISREG(st.st_mode)):
             # Published as a directory or a link: this node's type is wrong. ESTALE makes the
@@ -555,9 +575,16 @@ class Operations(pyfuse3.Operations):
         return self.nodes.open_dir(node, [(n, a, c) for n, (a, c) in sorted(entries.items())])
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        entries = self.nodes.dir(fh).entries
-        for i in range(start_id, len(entries)):
-            name, attr, node = entries[i]
+        handle = self.nodes.dir(fh)
+        entries = handle.entries
+        for i in range(start_id, len(entries) + DOTS):
+            if i < DOTS:  # "." and "..", as a plain directory lists them (ls -a, find)
+                here = handle.node
+                ino = here.ino if i == 0 or here.ino == ROOT else here.parent
+                if not pyfuse3.readdir_reply(token, b"." * (i + 1), _dot(ino), i + 1):
+                    break
+                continue  # READDIRPLUS takes no lookup of "." and ".." (the kernel skips them)
+            name, attr, node = entries[i - DOTS]
             self.nodes.remember(node)  # forgotten since opendir: register again
             if not pyfuse3.readdir_reply(token, name, attr, i + 1):
                 break

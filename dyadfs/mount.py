@@ -444,6 +444,20 @@ def daemon_alive(pid: int) -> bool:
     return state not in (b"Z", b"X")
 
 
+def stale_record(config: Config) -> dict[str, Any] | None:
+    """The status of the mount of ``config.mountpoint`` if its daemon was killed (its record
+    is left), else None."""
+    path = info_path(config)
+    try:
+        info: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if read_info(path) is not None:
+        return None
+    return {"dir": info.get("dir", str(config.mountpoint)), "pid": info.get("pid"),
+            "stale": True}
+
+
 def forget_stale(config: Config) -> bool:
     """Remove the record (and socket) of the mount of ``config.mountpoint`` if its daemon is
     gone. True if there was one."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -54,6 +55,9 @@ class Node:
     told: tuple[int, int] | None = None  # (size, mtime) the kernel may cache, on consumer mounts
     published: bool = False  # absent, shown as a published name (not provisional)
     awaited: bool = False  # provisional file whose GETATTR waits for it (--wait-on-stat)
+    #: called when the name gets a file of its own here (created, renamed onto): a stat
+    #: waiting on this provisional node ends
+    waker: Callable[[], None] | None = None
 
 
 @dataclass(eq=False)
@@ -128,6 +132,8 @@ class Nodes:
             self._adopt(node, key)
         if here is not None and here is not node:
             self._unname(here, (parent.ino, name))  # replaced behind the kernel's back
+        if here is not None and here.waker is not None:
+            here.waker()
         self._name(node, parent.ino, name)
         node.provisional = None
         node.awaited = False
@@ -221,6 +227,8 @@ class Nodes:
             self._unname_only(moved, (p_old.ino, name_old))
         if there is not None:
             self._unname_only(there, (p_new.ino, name_new))
+            if there.waker is not None:
+                there.waker()
         if moved is not None:
             self._name(moved, p_new.ino, name_new)
         if there is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import resource
 import stat
@@ -217,7 +218,10 @@ def test_status_shows_a_killed_mount_as_stale(tmp_path: Path, mounts: Mounts) ->
     assert f"{mp}: stale: its daemon (pid {pid}) is gone" in out, out
     assert f"{live}: pid" in out
     r = dyadfs_cmd("status", str(mp), env=mounts.env, check=False)
-    assert r.returncode == 1 and "its daemon is gone (a stale record)" in r.stderr, r.stderr
+    assert r.returncode == 1 and f"{mp}: stale: its daemon (pid {pid}) is gone" in r.stdout, r
+    r = dyadfs_cmd("status", str(mp), "--json", env=mounts.env, check=False)
+    assert r.returncode == 1 and json.loads(r.stdout) == {"dir": str(mp), "pid": pid,
+                                                          "stale": True}, r
     mounts.mount(mp, "--namespace", NS, "--transport", "tcp")  # a restart replaces the record
     assert "stale" not in dyadfs_cmd("status", env=mounts.env).stdout
 

@@ -217,6 +217,30 @@ def test_wait_on_stat_makes_stat_wait(tmp_path: Path, mounts: Mounts) -> None:
     assert out.strip() == b"5"
 
 
+def test_listings_show_dot_and_dotdot_like_a_plain_directory(tmp_path: Path,
+                                                            mounts: Mounts) -> None:
+    """`ls -a` (and every readdir(3) loop in C) sees "." and ".." in a directory of a producer
+    or consumer mount, as in a plain one, with the inode numbers stat gives."""
+    prod = mounts.mount(tmp_path / "p", "--role", "producer", "--namespace", NS)
+    cons = mounts.mount(tmp_path / "c", "--role", "consumer", "--namespace", NS,
+                        "--transport", "tcp")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for d in (prod, plain):
+        run(f"mkdir -p {d}/sub/deeper && printf x > {d}/sub/a && printf y > {d}/b")
+    for sub in ("", "sub", "sub/deeper"):
+        want = run(["ls", "-a", str(plain / sub)]).stdout.split()
+        assert run(["ls", "-a", str(prod / sub)]).stdout.split() == want, sub
+        assert run(["ls", "-a", str(cons / sub)]).stdout.split() == want, sub
+    for mp in (prod, cons):
+        listed = dict(reversed(line.split()) for line in
+                      run(["ls", "-ai", str(mp / "sub")]).stdout.decode().splitlines())
+        ino = {p: run(["stat", "-c", "%i", str(p)]).stdout.strip().decode()
+               for p in (mp, mp / "sub", mp / "sub/a")}
+        assert (listed["."], listed[".."], listed["a"]) == \
+            (ino[mp / "sub"], ino[mp], ino[mp / "sub/a"]), (listed, ino)
+
+
 def test_a_waiting_stat_never_freezes_its_directory(tmp_path: Path, mounts: Mounts) -> None:
     """A stat waiting under --wait-on-stat waits in GETATTR, not in the LOOKUP: the kernel holds
     a directory's lock during a LOOKUP (libfuse 3.14 does not pass on FUSE_PARALLEL_DIROPS), so
@@ -226,8 +250,8 @@ def test_a_waiting_stat_never_freezes_its_directory(tmp_path: Path, mounts: Moun
                         "--wait-on-stat", "*.wait", "--transport", "tcp")
     run(f"mkdir {prod}/d && printf here > {prod}/d/here.dat")
     assert run(["cat", str(cons / "d/here.dat")]).stdout == b"here"
-    stats = [start(f"stat -c '%s %F' {cons}/d/late{i}.wait") for i in range(3)]
-    waiting(mounts, cons, 3)
+    stats = [start(f"stat -c '%s %F' {cons}/d/late{i}.wait") for i in range(4)]
+    waiting(mounts, cons, 4)
     for cmd in (["ls", str(cons / "d")], ["stat", str(cons / "d/here.dat")],
                 ["cat", str(cons / "d/here.dat")], ["stat", str(cons / "d/nope")]):
         r = run(cmd, check=False, timeout=5)  # froze until the stats ended before
@@ -235,9 +259,11 @@ def test_a_waiting_stat_never_freezes_its_directory(tmp_path: Path, mounts: Moun
     assert all(p.poll() is None for p in stats)  # still waiting
     run(f"printf 12345 > {prod}/d/late0.wait && printf 1 > {prod}/d/late1.wait")
     run(f"mkdir {prod}/d/late2.wait")  # published as a directory: the stat shows one
+    run(f"printf abc > {cons}/d/late3.wait")  # made here, by the consumer: its stat ends too
     outs = [p.communicate(timeout=30) for p in stats]
     shown = [o.split(maxsplit=1) for o, _ in outs]
     assert [s[0] for s in shown[:2]] == [b"5", b"1"] and shown[2][1].strip() == b"directory", outs
+    assert shown[3][0] == b"3", outs
     assert run(["stat", "-c", "%F", str(cons / "d/late2.wait")]).stdout.strip() == b"directory"
     assert run(["cat", str(cons / "d/late0.wait")]).stdout == b"12345"
 
