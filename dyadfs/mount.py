@@ -182,6 +182,7 @@ class Mount:
             "prefetch": c.prefetch, "prefetched": s.prefetched,
             "prefetch_pending": None if self.prefetcher is None else self.prefetcher.pending,
             "bytes_pulled": s.bytes_pulled, "pulled_same_host": s.pulled_same_host,
+            "pulled_over_ucx": s.pulled_over_ucx,
             "same_host": c.same_host, "served": s.served,
             "bytes_served": s.bytes_served, "errors": s.errors,
             "unexpected_errors": s.unexpected,

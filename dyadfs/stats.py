@@ -16,6 +16,7 @@ class Stats:
     pulling: int = 0
     bytes_pulled: int = 0
     pulled_same_host: int = 0  # of pulled: handed over by a mount of this host
+    pulled_over_ucx: int = 0  # of pulled: moved by UCX (the others: TCP, or this host)
     served: int = 0
     bytes_served: int = 0
     errors: int = 0

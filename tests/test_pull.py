@@ -178,6 +178,26 @@ def _registry(mounts: Mounts) -> dict[str, keys.MountRecord]:
     return out
 
 
+def test_ucx_without_rdma_pulls_over_the_tcp_path(tmp_path: Path, mounts: Mounts) -> None:
+    """Where UCX has no RDMA network transport (PyPI's UCX on Ethernet, and CI), UCX between
+    hosts runs over TCP sockets, slower than dyadfs's own TCP path at every size measured:
+    a --transport ucx mount pulls files above --ucx-threshold over TCP, and says so once."""
+    prod = mounts.mount(tmp_path / "p", "--role", "producer", "--namespace", NS,
+                        "--transport", "ucx", "--same-host", "off")
+    cons = mounts.mount(tmp_path / "c", "--role", "consumer", "--namespace", NS,
+                        "--transport", "ucx", "--same-host", "off", "--ucx-threshold", "1M")
+    data = os.urandom(3 << 20)
+    (prod / "big").write_bytes(data)
+    assert (cons / "big").read_bytes() == data
+    st = mounts.status(cons)
+    assert st["pulled"] == 1 and st["pulled_same_host"] == 0, st
+    logs = mounts.logs()
+    if "no RDMA network transport" in logs:
+        assert st["pulled_over_ucx"] == 0, st
+    else:  # a host with InfiniBand or RoCE: above the threshold, UCX moves it
+        assert "move over UCX" in logs and st["pulled_over_ucx"] == 1, (st, logs[-2000:])
+
+
 def test_hostile_fetch_requests_are_refused(tmp_path: Path, mounts: Mounts) -> None:
     prod, cons = pair(tmp_path, mounts, "tcp")
     outside = tmp_path / "outside.txt"

@@ -269,8 +269,18 @@ class _Stopped(Exception):
     header announced cannot come)."""
 
 
+#: UCX transports that move nothing between hosts faster than a TCP socket: shared memory and
+#: copies within a host, accelerator memory, and TCP itself. Anything else (rc, dc, ud: verbs
+#: on InfiniBand or RoCE) is an RDMA network transport.
+NOT_RDMA = frozenset({"tcp", "self", "sysv", "posix", "cma", "knem", "xpmem", "sm", "shm",
+                      "cuda_copy", "cuda_ipc", "rocm_copy", "rocm_ipc", "gdr_copy", "ze_copy",
+                      "ze_ipc"})
+
+
 class UCXTransport(Transport):
     name = "ucx"
+    #: set by start: UCX has an RDMA network transport here (else pulls take the TCP path)
+    network_rdma = False
 
     def __init__(self, *, message_timeout: float = MESSAGE_TIMEOUT,
                  max_connections: int = MAX_CONNECTIONS) -> None:
@@ -301,6 +311,15 @@ class UCXTransport(Transport):
 
         port = await _wait(self._ucx.submit(listen()))
         self.address = f"{host}:{port}"
+
+        async def transports() -> set[str]:
+            return set(ucxx.get_active_transports())
+        tls = await _wait(self._ucx.submit(transports()))
+        self.network_rdma = bool(tls - NOT_RDMA)
+        log.info("UCX transports: %s; %s", ", ".join(sorted(tls)),
+                 "files of --ucx-threshold and more move over UCX" if self.network_rdma else
+                 "no RDMA network transport, so UCX between hosts runs over TCP sockets, "
+                 "slower than dyadfs's own TCP path: every pull takes the TCP path")
 
     # -- serving (runs in the UCX thread) ------------------------------------------------------
     async def _serve(self, ep: Any) -> None:
