@@ -134,7 +134,7 @@ _ABSENT = (errno.ENOENT, errno.EISDIR, errno.ENOTDIR)
 #: lookups again of a key whose content this broker could not load yet (~1 s in all)
 _LOAD_RETRIES = 8
 #: listings read again from a newer root when a leaf could not be loaded at the first one
-_LISTING_ATTEMPTS = 16  # ~1.2 s in all
+_LISTING_ATTEMPTS = 30  # ~2.6 s in all
 _MAX_ATTEMPTS = 8
 _JSON = json.JSONDecoder()
 
@@ -618,7 +618,8 @@ class FluxKVS(KVS):
         futs = [self._send_at(ns, path, k, live[k], leaf) for k, leaf in where]
         values = [self._take(f) for f in futs]
         for i, (k, leaf) in enumerate(where):
-            if values[i] is None:  # usually absent (g0's base, a new log): make sure
+            if values[i] is None and (k, leaf) != (0, "base"):  # g0 never has a base
+                # usually absent (a generation's log before its first append): make sure
                 if live[k].get("type") == "dirref":
                     values[i] = self._confirmed(None, leaf, json.dumps(live[k]), None)
                 else:
