@@ -259,7 +259,9 @@ def test_a_waiting_stat_never_freezes_its_directory(tmp_path: Path, mounts: Moun
     assert all(p.poll() is None for p in stats)  # still waiting
     run(f"printf 12345 > {prod}/d/late0.wait && printf 1 > {prod}/d/late1.wait")
     run(f"mkdir {prod}/d/late2.wait")  # published as a directory: the stat shows one
-    run(f"printf abc > {cons}/d/late3.wait")  # made here, by the consumer: its stat ends too
+    # made here, by the consumer (renamed into place, so that the stat sees it whole; a plain
+    # create would end the stat at the create, with 0 bytes): its stat ends too
+    run(f"printf abc > {cons}/d/made && mv {cons}/d/made {cons}/d/late3.wait")
     outs = [p.communicate(timeout=30) for p in stats]
     shown = [o.split(maxsplit=1) for o, _ in outs]
     assert [s[0] for s in shown[:2]] == [b"5", b"1"] and shown[2][1].strip() == b"directory", outs
